@@ -1,0 +1,262 @@
+"""
+Benchmarks of the things GRPO spends its time and memory on. Prints a table, then one JSON line.
+
+    python bench.py                 # everything, on the reference configuration (6 layers, 6 heads, 384 wide)
+    python bench.py --only=sample   # one section: peak, sample, train, logprobs, grpo
+    python bench.py --quick         # fewer repeats and a shorter no-cache run, for a smoke test
+
+Sections:
+  peak      float32 (or --dtype) matmul FLOP/s of large square matrices: the machine's practical peak.
+  sample    new tokens/s: KV cache vs no cache, 8 prompts x 8 samples (16-token prompts, 64 new tokens), and
+            64 prompts x 64 new tokens beside transformers' GPT2LMHeadModel.generate when it is installed.
+  train     forward+backward tokens/s on 32 x 128 tokens, and its FLOP/s as a share of `peak` (MFU); the same
+            for GPT2LMHeadModel when transformers is installed.
+  logprobs  peak memory and time of token log-probs (forward+backward) at GPT-2's vocab of 50257, 16 x 256
+            tokens: chunked (model.logprobs_from_hidden) vs the naive log_softmax + gather.
+  grpo      seconds per whole grpo.grpo_step, 8 prompts x 8 samples x exactly 64 new tokens, beta 0 and 0.04,
+            split into sampling and learning.
+
+Throughput on shared CPUs wanders by tens of percent between runs: compare figures from the same run only.
+transformers is optional and used here only, to compare with the library most people would otherwise use.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, logprobs_from_hidden, sample
+
+REFERENCE = GPTConfig(block_size=256, vocab_size=512, n_layer=6, n_head=6, n_embd=384)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Best wall time of `repeats` calls after one warm-up call (best-of is the least noisy on shared CPUs)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peak_memory(case, device):
+    """Peak bytes that one call of logprob_case(case) allocates above what it held before. On CUDA, the
+    allocator's high-water mark; on CPU (PyTorch keeps none there), peak RSS growth in a fresh process (Linux)."""
+    if device.type == "cuda":
+        fn = logprob_case(case, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    out = subprocess.run([sys.executable, __file__, f"--memory-worker={case}"], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def memory_worker(case):
+    def status(field):  # kB figures from /proc/self/status (Linux)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    fn = logprob_case(case, torch.device("cpu"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = status("VmRSS")
+    fn()
+    print((status("VmHWM") - before) * 1024)
+
+
+def bench_peak(device, dtype, repeats):
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device, repeats * 3)
+    return {"peak_matmul_gflops": 2 * n ** 3 / seconds / 1e9}
+
+
+def train_flops_per_token(config, seq_len):
+    """Matmul FLOPs of forward+backward for one token (backward = 2x forward), PaLM/nanoGPT convention:
+    6 per weight of every layer and the lm_head, plus 12 * n_layer * n_embd * seq_len for attention."""
+    c = config
+    weights = c.n_layer * 12 * c.n_embd ** 2 + c.vocab_size * c.n_embd
+    return 6 * weights + 12 * c.n_layer * c.n_embd * seq_len
+
+
+def hf_model(config, device):
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    hf_config = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                           vocab_size=config.vocab_size, n_positions=config.block_size,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(hf_config).to(device).eval()
+
+
+def bench_sample(model, device, repeats, quick):
+    out = {}
+    g = torch.Generator(device).manual_seed(0)
+    prompts8 = torch.randint(0, model.config.vocab_size, (8, 16)).tolist()
+    prompts64 = torch.randint(0, model.config.vocab_size, (64, 16)).tolist()
+    secs = timed(lambda: sample(model, prompts8, group_size=8, max_new_tokens=64, generator=g), device, repeats)
+    out["sample_8x8_cache_tok_s"] = 64 * 64 / secs
+    new = 16 if quick else 64  # the no-cache path reruns the whole sequence every step: slow by design
+    secs = timed(lambda: sample(model, prompts8, group_size=8, max_new_tokens=new, generator=g, use_cache=False),
+                 device, 1)
+    out["sample_8x8_nocache_tok_s"] = 64 * new / secs
+    secs = timed(lambda: sample(model, prompts64, max_new_tokens=64, generator=g), device, repeats)
+    out["sample_64x1_cache_tok_s"] = 64 * 64 / secs
+    hf = hf_model(model.config, device)
+    if hf is not None:
+        x = torch.tensor(prompts64, device=device)
+        with torch.no_grad():
+            secs = timed(lambda: hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True, max_new_tokens=64,
+                                             min_new_tokens=64, pad_token_id=0), device, repeats)
+        out["hf_generate_64x1_tok_s"] = 64 * 64 / secs
+    return out
+
+
+def bench_train(model, device, dtype, peak, repeats):
+    out = {}
+    B, T = 32, 128
+    x = torch.randint(0, model.config.vocab_size, (B, T), device=device)
+    y = torch.randint(0, model.config.vocab_size, (B, T), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    flops = train_flops_per_token(model.config, T) * B * T
+
+    def step(m, hf=False):
+        with autocast:
+            loss = m(x, labels=x).loss if hf else m(x, y)[1]
+        loss.backward()
+
+    model.train()
+    secs = timed(lambda: step(model), device, repeats)
+    out["train_tok_s"] = B * T / secs
+    out["train_gflops"] = flops / secs / 1e9
+    out["train_mfu"] = out["train_gflops"] / peak
+    hf = hf_model(model.config, device)
+    if hf is not None:
+        hf.train()
+        secs = timed(lambda: step(hf, hf=True), device, repeats)
+        out["hf_train_tok_s"] = B * T / secs
+        out["hf_train_mfu"] = flops / secs / 1e9 / peak
+    model.eval()
+    return out
+
+
+def logprob_case(case, device):
+    """Forward+backward of token log-probs at GPT-2's vocab for 16 x 256 tokens, chunked or naive."""
+    torch.manual_seed(0)
+    N, C, V = 16 * 256, 384, 50257
+    h = torch.randn(N, C, device=device, requires_grad=True)
+    weight = (torch.randn(V, C, device=device) * 0.02).requires_grad_()
+    target = torch.randint(0, V, (N,), device=device)
+
+    def naive():
+        logp = F.log_softmax(h @ weight.t(), -1).gather(1, target[:, None]).squeeze(1)
+        logp.sum().backward()
+
+    def chunked():
+        logprobs_from_hidden(h, weight, target)[0].sum().backward()
+
+    return {"naive": naive, "chunked": chunked}[case]
+
+
+def bench_logprobs(device, repeats):
+    out = {}
+    for case in ("naive", "chunked"):
+        out[f"logprobs_{case}_peak_mb"] = peak_memory(case, device) / 2 ** 20
+        out[f"logprobs_{case}_s"] = timed(logprob_case(case, device), device, repeats)
+    out["logprobs_memory_ratio"] = out["logprobs_chunked_peak_mb"] / out["logprobs_naive_peak_mb"]
+    return out
+
+
+def bench_grpo(model, device, repeats):
+    import grpo  # imported here so the other sections run before grpo.py exists in a checkout
+
+    out = {}
+    prompts = torch.randint(0, model.config.vocab_size, (8, 16)).tolist()
+    examples = [None] * len(prompts)
+
+    def reward(completion_tokens, example):  # cheap and content-dependent, so every group has spread
+        return sum(t % 7 == 0 for t in completion_tokens) / max(1, len(completion_tokens))
+
+    for beta in (0.0, 0.04):
+        policy = GPT(model.config).to(device)
+        policy.load_state_dict(model.state_dict())
+        reference = None
+        if beta > 0:
+            reference = GPT(model.config).to(device).eval().requires_grad_(False)
+            reference.load_state_dict(model.state_dict())
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+        config = grpo.GRPOConfig(group_size=8, max_new_tokens=64, beta=beta, num_iterations=1)
+        g = torch.Generator(device).manual_seed(0)
+        times = []
+        for _ in range(repeats + 1):
+            sync(device)
+            metrics = grpo.grpo_step(policy, optimizer, prompts, examples, [reward], config, reference=reference,
+                                     generator=g, decode=lambda toks: toks)
+            times.append((metrics["time_sample_s"], metrics["time_learn_s"]))
+        best = min(times[1:], key=sum)
+        key = f"grpo_beta{beta:g}"
+        out[f"{key}_step_s"], out[f"{key}_sample_s"], out[f"{key}_learn_s"] = sum(best), best[0], best[1]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="peak,sample,train,logprobs,grpo", help="comma-separated sections")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast, for train)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, a shorter no-cache run")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for train")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: one logprobs case, fresh process
+    args = parser.parse_args()
+    if args.memory_worker:
+        return memory_worker(args.memory_worker)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    sections = set(args.only.split(","))
+    repeats = 1 if args.quick else 3
+    torch.manual_seed(0)
+    model = GPT(REFERENCE).to(device).eval()
+    results = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "params_M": round(model.num_params() / 1e6, 2)}
+    peak = bench_peak(device, dtype, repeats)["peak_matmul_gflops"]
+    results["peak_matmul_gflops"] = peak
+    if "sample" in sections:
+        results.update(bench_sample(model, device, repeats, args.quick))
+    if "train" in sections:
+        trained = torch.compile(model) if args.compile else model
+        results.update(bench_train(trained, device, dtype, peak, repeats))
+    if "logprobs" in sections:
+        results.update(bench_logprobs(device, repeats))
+    if "grpo" in sections:
+        results.update(bench_grpo(model, device, repeats))
+    if "sample_8x8_nocache_tok_s" in results:
+        results["sample_cache_speedup"] = results["sample_8x8_cache_tok_s"] / results["sample_8x8_nocache_tok_s"]
+    if "hf_generate_64x1_tok_s" in results:
+        results["sample_vs_hf_generate"] = results["sample_64x1_cache_tok_s"] / results["hf_generate_64x1_tok_s"]
+    width = max(len(k) for k in results)
+    for k, v in results.items():
+        print(f"{k:<{width}}  {v:,.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

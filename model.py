@@ -1,0 +1,441 @@
+"""
+A GPT-2 in one file, plus the two things GRPO spends its time on:
+
+1. `sample`: a group of completions per prompt, with a KV cache. Each prompt is prefilled once, its cache is
+   copied to `group_size` rows, and every row then draws its own tokens (its first token included).
+2. `token_logprobs`: log pi(token) of given completion tokens, computed in chunks of rows with a backward pass
+   that recomputes the logits, so the (B, T, V) float32 log-softmax never exists at once.
+
+Parameter names follow GPT-2 (`transformer.wte/wpe/h/ln_f`, `attn.c_attn/c_proj`, `mlp.c_fc/c_proj`,
+`lm_head`) so a Hugging Face GPT-2 state dict maps one to one: `GPT.from_pretrained(path)`.
+
+Prompts of different lengths are left-padded. `valid` (B, T) marks the real tokens: padding is hidden from
+attention and does not advance the position ids, so a padded row computes exactly what it would alone.
+"""
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x, attn_mask, cache, layer):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # all keys so far: (B, nh, past + T, hs)
+        if T == 1 and cache is not None:
+            # Decoding one token: two small matmuls beat the fused kernel, whose setup dominates at this size.
+            # Flattening (B, nh) into one batch axis is a view of the cache and roughly halves the time.
+            nh, L, hs = k.shape[1:]
+            att = torch.bmm(q.reshape(B * nh, 1, hs), k.reshape(B * nh, L, hs).transpose(1, 2))
+            att = att.view(B, nh, 1, L) * (1.0 / math.sqrt(hs))
+            if attn_mask is not None:
+                att = att.masked_fill(~attn_mask, float("-inf"))
+            y = torch.bmm(att.softmax(-1).view(B * nh, 1, L), v.reshape(B * nh, L, hs)).view(B, nh, 1, hs)
+        else:
+            # attn_mask None means plain causal attention over the new tokens: the fused causal kernel.
+            is_causal = attn_mask is None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, cache, layer):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions. `length` positions are filled."""
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len, self.length, self.k, self.v = n_layer, max_len, 0, None, None
+
+    def update(self, layer, k, v):  # k, v: (B, nh, T, hs) of the new tokens
+        if self.k is None:
+            self.k = k.new_empty(self.n_layer, k.size(0), k.size(1), self.max_len, k.size(3))
+            self.v = torch.empty_like(self.k)
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat_rows(self, n):
+        """Row i becomes rows i*n .. i*n+n-1: a prompt prefilled once serves its whole group."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # context length in tokens
+    vocab_size: int = 512
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() - self.transformer.wte.weight.numel() * non_embedding
+
+    def hidden_states(self, idx, valid=None, cache=None):
+        """Final-layer-norm output (B, T, C) for tokens idx (B, T).
+
+        valid: (B, past + T) bool, True at real tokens, covering the cached positions too; None means no padding.
+        cache: a KVCache holding `past` positions; the new keys and values are appended to it."""
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context of {self.config.block_size}")
+        query_pos = torch.arange(past, past + T, device=idx.device)[:, None]
+        key_pos = torch.arange(past + T, device=idx.device)[None, :]
+        if valid is None:
+            pos = query_pos[:, 0]
+            # No mask when there is no prefix (the fused causal kernel) or one new token (it sees every key).
+            attn_mask = None if past == 0 or T == 1 else key_pos <= query_pos  # (T, past + T)
+        else:
+            if valid.shape != (B, past + T):
+                raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {(B, past + T)}")
+            # Left padding must not shift positions: a row's first real token is position 0.
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)[:, past:]
+            # A pad query also sees itself, so no row of the mask is empty (an empty row makes NaN).
+            attn_mask = ((key_pos <= query_pos) & valid[:, None, None, :]) | (key_pos == query_pos)  # (B,1,T,past+T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, cache, layer)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, *, valid=None, cache=None):
+        """Returns (logits (B, T, V), loss). loss is the mean cross-entropy over targets != -1, else None."""
+        logits = self.lm_head(self.hidden_states(idx, valid, cache))
+        loss = None
+        if targets is not None:
+            # autocast runs cross_entropy (log_softmax inside) in float32 even when the logits are bf16
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A GPT-2 from a local Hugging Face directory: config.json and model.safetensors or pytorch_model.bin."""
+        return load_hf_gpt2(cls, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling groups of completions
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor           # (N, prompt_len + C) left-padded prompt, then completion; N = P * group_size
+    valid: torch.Tensor            # (N, prompt_len + C) bool: False on the prompt's left padding
+    prompt_len: int                # completions start at this column
+    completion_mask: torch.Tensor  # (N, C) float: 1 on generated tokens up to and including the stop token
+    truncated: torch.Tensor        # (N,) bool: the row never produced the stop token
+
+    @property
+    def completion(self):  # (N, C)
+        return self.tokens[:, self.prompt_len:]
+
+
+def pad_left(prompts, pad_token, device):
+    """Token lists -> (P, T) left-padded tokens and (P, T) bool valid mask."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_token, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, width - len(p):] = True
+    return tokens.to(device), valid.to(device)
+
+
+def pick_next(logits, temperature, top_k, top_p, generator):
+    """One token per row from logits (N, V). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top_k=None, top_p=None,
+           stop_token=None, pad_token=0, generator=None, use_cache=True):
+    """Sample `group_size` completions for each prompt (a list of token lists). Returns Samples whose rows
+    are grouped by prompt: rows i*group_size .. (i+1)*group_size-1 answer prompt i.
+
+    With the same generator the KV-cache path and the no-cache path (`use_cache=False`, which reruns the whole
+    sequence every step) draw exactly the same tokens: the cache is an optimization, never a different sampler."""
+    V = model.config.vocab_size
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if stop_token is not None and not 0 <= stop_token < V:
+        raise ValueError(f"stop_token {stop_token} is outside the vocabulary of {V}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.config.block_size:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is longer than the "
+                         f"context of {model.config.block_size}")
+    device = model.transformer.wte.weight.device
+    tokens, valid = pad_left(prompts, pad_token, device)  # (P, Tp)
+    prompt_len = tokens.size(1)
+    if valid.all():
+        valid = None  # no padding: take the plain causal attention kernel
+
+    if use_cache:
+        cache = KVCache(model.config.n_layer, prompt_len + max_new_tokens)
+        logits = model(tokens, valid=valid, cache=cache)[0][:, -1]  # (P, V): each prompt once
+        cache.repeat_rows(group_size)
+        logits = logits.repeat_interleave(group_size, 0)  # (N, V); each row still draws its own token
+    tokens = tokens.repeat_interleave(group_size, 0)  # (N, Tp)
+    if valid is not None:
+        valid = valid.repeat_interleave(group_size, 0)
+    N = tokens.size(0)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    new_tokens, new_mask = [], []
+    for step in range(max_new_tokens):
+        if not use_cache:
+            logits = model(tokens, valid=valid)[0][:, -1]
+        next_token = pick_next(logits, temperature, top_k, top_p, generator)
+        new_mask.append(~done)
+        next_token = next_token.masked_fill(done, pad_token)  # after its stop token a row only pads
+        new_tokens.append(next_token)
+        if stop_token is not None:
+            done = done | (next_token == stop_token)
+        tokens = torch.cat([tokens, next_token[:, None]], 1)
+        if valid is not None:
+            valid = torch.cat([valid, valid.new_ones(N, 1)], 1)
+        if step == max_new_tokens - 1 or (stop_token is not None and bool(done.all())):
+            break
+        if use_cache:
+            logits = model(next_token[:, None], valid=valid, cache=cache)[0][:, -1]
+    if valid is None:
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+    completion_mask = torch.stack(new_mask, 1).float()
+    return Samples(tokens, valid, prompt_len, completion_mask, truncated=~done)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token log-probabilities, chunked
+
+
+class _ChunkedTokenLogprob(torch.autograd.Function):
+    """logp[n] = (h[n] @ W.T / temperature)[target[n]] - logsumexp(h[n] @ W.T / temperature), over row chunks.
+
+    The backward recomputes each chunk's logits instead of saving them: memory is O(chunk * V), not O(N * V).
+    d logp / d logits = (onehot(target) - softmax(logits)) / temperature. Entropy rides along, without grad."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target, temperature, chunk):  # h: (N, C), weight: (V, C), target: (N,)
+        w = weight.to(h.dtype)
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32 softmax even under bf16 autocast
+        logp = torch.empty(h.size(0), device=h.device, dtype=acc)
+        entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+        for i in range(0, h.size(0), chunk):
+            logits = (h[i:i + chunk] @ w.t()).to(acc) / temperature  # (chunk, V)
+            lse[i:i + chunk] = logits.logsumexp(-1)
+            logp[i:i + chunk] = logits.gather(1, target[i:i + chunk, None]).squeeze(1) - lse[i:i + chunk]
+            probs = (logits - lse[i:i + chunk, None]).exp_()
+            entropy[i:i + chunk] = lse[i:i + chunk] - (probs * logits).sum(-1)
+        ctx.save_for_backward(h, weight, target, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, weight, target, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        w = weight.to(h.dtype)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc)
+        for i in range(0, h.size(0), chunk):
+            hc = h[i:i + chunk]
+            logits = (hc @ w.t()).to(acc) / T
+            grad_logits = logits.sub_(lse[i:i + chunk, None]).exp_().neg_()  # -softmax, in place: one buffer
+            grad_logits.scatter_add_(1, target[i:i + chunk, None], torch.ones_like(grad_logits[:, :1]))
+            grad_logits *= grad_logp[i:i + chunk, None] / T  # (chunk, V)
+            if grad_h is not None:
+                grad_h[i:i + chunk] = (grad_logits.to(h.dtype) @ w).to(h.dtype)
+            grad_w += grad_logits.t() @ hc.to(acc)
+        return grad_h, grad_w.to(weight.dtype), None, None, None
+
+
+def logprobs_from_hidden(h, weight, target, temperature=1.0, chunk_size=512):
+    """(logp, entropy) of targets (N,) under logits h (N, C) @ weight (V, C).T / temperature, chunked."""
+    return _ChunkedTokenLogprob.apply(h, weight, target, temperature, chunk_size)
+
+
+def token_logprobs(model, tokens, start, *, valid=None, temperature=1.0, chunk_size=512, with_entropy=False):
+    """log pi(tokens[:, t] | tokens[:, :t]) for every t >= start, as (B, T - start) float32.
+
+    The logit at position t-1 scores token t (the shift by one). Logits are divided by the sampling temperature,
+    so these are the log-probs of the distribution the tokens were actually drawn from."""
+    if temperature <= 0:
+        temperature = 1.0  # greedy decoding has no temperature; score under the model itself
+    B, T = tokens.shape
+    h = model.hidden_states(tokens, valid)[:, start - 1:-1]  # (B, T - start, C): positions that predict
+    target = tokens[:, start:]
+    logp, entropy = logprobs_from_hidden(h.reshape(-1, h.size(-1)), model.lm_head.weight, target.reshape(-1),
+                                         temperature, chunk_size)
+    logp, entropy = logp.view(B, T - start), entropy.view(B, T - start)
+    return (logp, entropy) if with_entropy else logp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading GPT-2 from a local Hugging Face directory (no network, no transformers)
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A safetensors file is an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then one byte buffer that the offsets index."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path}: too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):
+        raise ValueError(f"{path}: header length {header_len} runs past the end of the file")
+    header = json.loads(data[8:8 + header_len])
+    buffer = memoryview(bytearray(data[8 + header_len:]))
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not know")
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        t = torch.frombuffer(buffer[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(info["shape"]).clone()
+    return tensors
+
+
+def load_hf_gpt2(cls, path):
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face GPT-2 directory)")
+    with open(config_file) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}, only 'gpt2' can be loaded")
+    if hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ValueError(f"{config_file}: activation_function {hf['activation_function']!r} is not GPT-2's gelu_new")
+    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        state = read_safetensors(os.path.join(path, "model.safetensors"))
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin is there")
+    model = cls(config)
+    # Hugging Face's hub files name keys with or without the "transformer." prefix; its attention masks
+    # ("attn.bias", "attn.masked_bias") are buffers, not weights. GPT-2 uses Conv1D, whose weight is (in, out).
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    theirs = {}
+    for key, value in state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key in ("attn.bias", "attn.masked_bias"):
+            continue
+        key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+        theirs[key] = value.t() if key.endswith(conv1d) else value
+    theirs.setdefault("lm_head.weight", theirs.get("transformer.wte.weight"))
+    load_state_dict_checked(model, theirs, source=path)
+    return model
+
+
+def load_state_dict_checked(model, state, source="checkpoint"):
+    """load_state_dict that names every missing, unexpected or wrongly shaped tensor."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+             for k in ours if k in state and state[k] is not None and state[k].shape != ours[k].shape]
+    problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + wrong)
+    if problems:
+        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]))
+    model.load_state_dict(state)
+
+
+def config_from_dict(d):
+    """GPTConfig from plain data (our checkpoints store it so), rejecting unknown keys."""
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; known: {sorted(known)}")
+    return GPTConfig(**d)

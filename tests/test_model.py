@@ -1,0 +1,237 @@
+import json
+import os
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, load_state_dict_checked, pad_left, read_safetensors, sample, \
+    token_logprobs
+from tests.helpers import tiny_gpt, write_safetensors
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]  # different lengths: left padding is exercised
+
+
+def test_forward_always_returns_full_logits_and_loss():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (3, 7))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 7, 50) and loss is None
+    logits2, loss = model(idx, targets=idx)
+    assert logits2.shape == (3, 7, 50) and loss.ndim == 0
+    ref = torch.nn.functional.cross_entropy(logits2.reshape(-1, 50), idx.reshape(-1))
+    torch.testing.assert_close(loss, ref)
+
+
+def test_left_padded_row_computes_what_it_computes_alone():
+    model = tiny_gpt()
+    tokens, valid = pad_left([[1, 2], [9, 9, 9, 9, 3]], pad_token=0, device="cpu")
+    padded, _ = model(tokens, valid=valid)
+    alone, _ = model(torch.tensor([[1, 2]]))
+    torch.testing.assert_close(padded[0, -2:], alone[0], rtol=0, atol=1e-12)
+
+
+def test_prefill_then_decode_with_cache_matches_full_forward():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (2, 12))
+    full, _ = model(idx)
+    cache = KVCache(model.config.n_layer, 12)
+    parts = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:8], cache=cache)[0]]
+    parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_k=5), dict(top_p=0.8), dict(temperature=0.7),
+                                     dict(temperature=0), dict(top_k=3, top_p=0.5, temperature=1.3)])
+def test_kv_cache_sampling_draws_exactly_the_no_cache_tokens(options):
+    model = tiny_gpt()
+    runs = [sample(model, PROMPTS, max_new_tokens=20, group_size=3, stop_token=7, pad_token=0,
+                   generator=torch.Generator().manual_seed(1), use_cache=use_cache, **options)
+            for use_cache in (True, False)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert torch.equal(runs[0].completion_mask, runs[1].completion_mask)
+    assert torch.equal(runs[0].truncated, runs[1].truncated)
+
+
+def test_every_row_of_a_group_draws_its_own_first_token():
+    model = tiny_gpt()
+    s = sample(model, [[1, 2, 3]], max_new_tokens=1, group_size=64, generator=torch.Generator().manual_seed(0))
+    assert s.completion.shape == (64, 1)
+    assert len(set(s.completion[:, 0].tolist())) > 10  # a shared first token would give exactly 1
+
+
+def test_stop_token_ends_a_row_and_masks_everything_after_it():
+    model = tiny_gpt()
+    stop = 7
+    s = sample(model, PROMPTS, max_new_tokens=30, group_size=8, stop_token=stop, pad_token=0,
+               generator=torch.Generator().manual_seed(3))
+    stopped = 0
+    for row, mask, truncated in zip(s.completion, s.completion_mask, s.truncated):
+        hits = (row == stop).nonzero()
+        if truncated:
+            assert len(hits) == 0 and mask.all()
+        else:
+            stopped += 1
+            first = hits[0].item()
+            assert mask[:first + 1].all() and not mask[first + 1:].any()  # the stop token itself counts
+            assert (row[first + 1:] == 0).all()
+    assert stopped > 0
+
+
+def test_greedy_sampling_is_the_argmax_of_the_forward_pass():
+    model = tiny_gpt()
+    s = sample(model, [[1, 2, 3]], max_new_tokens=5, temperature=0)
+    logits, _ = model(s.tokens)
+    torch.testing.assert_close(s.completion, logits[:, s.prompt_len - 1:-1].argmax(-1))
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_gpt()
+    greedy = sample(model, PROMPTS, max_new_tokens=6, temperature=0)
+    top1 = sample(model, PROMPTS, max_new_tokens=6, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy.tokens, top1.tokens)
+
+
+def naive_logprobs(model, tokens, start, valid, temperature):
+    logits, _ = model(tokens, valid=valid)
+    logp = (logits[:, start - 1:-1].float() / temperature).log_softmax(-1)
+    return logp.gather(2, tokens[:, start:, None]).squeeze(2), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_chunked_logprobs_match_naive_values_and_gradients(chunk_size):
+    model = tiny_gpt(dtype=torch.float32)
+    s = sample(model, PROMPTS, max_new_tokens=9, group_size=2, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(s.completion.shape)
+    results = []
+    for chunked in (True, False):
+        model.zero_grad()
+        if chunked:
+            logp, entropy = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
+                                           chunk_size=chunk_size, with_entropy=True)
+        else:
+            logp, entropy = naive_logprobs(model, s.tokens, s.prompt_len, s.valid, 0.7)
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lp1, ent1, g1), (lp2, ent2, g2) = results
+    torch.testing.assert_close(lp1, lp2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent1, ent2, rtol=0, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_logprobs_score_each_token_by_the_previous_position():
+    # Independent check of the shift: log p(token t) computed by running the prefix alone, one token at a time.
+    model = tiny_gpt()
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    logp = token_logprobs(model, tokens, start=2)
+    for t in range(2, 6):
+        logits, _ = model(tokens[:, :t])
+        expected = logits[0, -1].log_softmax(-1)[tokens[0, t]]
+        torch.testing.assert_close(logp[0, t - 2], expected, rtol=0, atol=1e-10)
+
+
+def test_bf16_autocast_paths_run_and_stay_close():
+    model = tiny_gpt(dtype=torch.float32)
+    s = sample(model, PROMPTS, max_new_tokens=6, group_size=2, generator=torch.Generator().manual_seed(0))
+    exact = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+        sample(model, PROMPTS, max_new_tokens=4, group_size=2, generator=torch.Generator().manual_seed(0))
+    assert low.dtype == torch.float32
+    assert (low - exact).abs().max() < 0.1
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+
+def test_sampling_rejects_bad_arguments_by_name():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="group_size"):
+        sample(model, PROMPTS, max_new_tokens=4, group_size=0)
+    with pytest.raises(ValueError, match="longer than the context"):
+        sample(model, [[1] * 60], max_new_tokens=10)
+    with pytest.raises(ValueError, match="stop_token 50 is outside the vocabulary"):
+        sample(model, PROMPTS, max_new_tokens=4, stop_token=50)
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(model, [[1], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+# ---- loading GPT-2 checkpoints in the Hugging Face layout --------------------------------------------------------
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def write_hf_checkpoint(model, path, kind="safetensors", prefix="transformer.", dtype=torch.float32):
+    os.makedirs(path, exist_ok=True)
+    c = model.config
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size,
+                       n_ctx=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                       n_embd=c.n_embd, activation_function="gelu_new", layer_norm_epsilon=1e-5), f)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied: Hugging Face's files usually leave it out
+        value = value.t().contiguous() if key.endswith(CONV1D) else value.clone()
+        state[prefix + key[len("transformer."):]] = value.to(dtype)
+    for layer in range(c.n_layer):  # the causal-mask buffer old files carry
+        state[f"{prefix}h.{layer}.attn.bias"] = torch.ones(1, 1, c.block_size, c.block_size).tril().to(dtype)
+    if kind == "safetensors":
+        write_safetensors(os.path.join(path, "model.safetensors"), state)
+    else:
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
+
+
+@pytest.mark.parametrize("kind,prefix", [("safetensors", "transformer."), ("safetensors", ""), ("bin", ""),
+                                         ("bin", "transformer.")])
+def test_from_pretrained_reproduces_the_saved_model(tmp_path, kind, prefix):
+    model = tiny_gpt(dtype=torch.float32)
+    write_hf_checkpoint(model, tmp_path, kind, prefix)
+    loaded = GPT.from_pretrained(str(tmp_path))
+    idx = torch.randint(0, 50, (2, 10))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_safetensors_reader_reads_every_dtype(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(2, dtype=torch.float64),
+               "c": torch.randn(5).to(torch.bfloat16), "d": torch.randn(2, 2).half(), "e": torch.zeros(0)}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    back = read_safetensors(tmp_path / "x.safetensors")
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+
+
+def test_from_pretrained_matches_transformers_when_installed(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_gpt(dtype=torch.float32)
+    write_hf_checkpoint(model, tmp_path)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    ours = GPT.from_pretrained(str(tmp_path))
+    idx = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_from_pretrained_errors_name_the_problem(tmp_path):
+    model = tiny_gpt(dtype=torch.float32)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(str(tmp_path))
+    write_hf_checkpoint(model, tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors nor pytorch_model.bin"):
+        GPT.from_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type is 'llama'"):
+        GPT.from_pretrained(str(tmp_path))
+    # a config that says 3 layers while the weights have 2, and a tensor of the wrong shape
+    write_hf_checkpoint(model, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    with pytest.raises(ValueError, match="missing transformer.h.2"):
+        GPT.from_pretrained(str(tmp_path))
+    state = model.state_dict()
+    state["transformer.wpe.weight"] = torch.zeros(10, 32)
+    with pytest.raises(ValueError, match=r"transformer.wpe.weight: checkpoint \(10, 32\) vs model \(64, 32\)"):
+        load_state_dict_checked(model, state)
