@@ -1,0 +1,358 @@
+import math
+
+import pytest
+import torch
+
+import grpo
+from grpo import GRPOConfig, grpo_loss, grpo_step, group_advantages, kl_k3, overlong_penalty, score
+from model import sample, token_logprobs
+from tests.helpers import tiny_gpt
+
+# ---- advantages ----------------------------------------------------------------------------------------------
+
+
+def loop_advantages(rewards, G, scale, eps):
+    """Reference: one group at a time, with Python's statistics."""
+    r = rewards.tolist()
+    out = []
+    batch_mean = sum(r) / len(r)
+    batch_std = math.sqrt(sum((x - batch_mean) ** 2 for x in r) / (len(r) - 1))
+    for start in range(0, len(r), G):
+        group = r[start:start + G]
+        mean = sum(group) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (G - 1))
+        for x in group:
+            if scale == "group":
+                out.append((x - mean) / (std + eps))
+            elif scale == "batch":
+                out.append((x - mean) / (batch_std + eps))
+            else:
+                out.append(x - mean)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("G", [2, 4])
+def test_advantages_match_a_loop_over_groups(scale, G):
+    torch.manual_seed(G)
+    rewards = torch.rand(6 * G, dtype=torch.float64)
+    rewards[:G] = 0.5  # a zero-spread group
+    got = group_advantages(rewards, G, scale=scale, eps=1e-6)
+    torch.testing.assert_close(got, loop_advantages(rewards, G, scale, 1e-6).to(got.dtype))
+
+
+def test_zero_spread_group_gets_exactly_zero_not_nan():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    A = group_advantages(rewards, 4)
+    assert torch.equal(A[:4], torch.zeros(4)) and torch.isfinite(A).all()
+    assert torch.equal(group_advantages(torch.ones(4), 1), torch.zeros(4))  # groups of one: no spread
+
+
+def test_group_std_is_bessel_corrected():
+    A = group_advantages(torch.tensor([0.0, 1.0]), 2, eps=0.0)
+    torch.testing.assert_close(A, torch.tensor([-1.0, 1.0]) / math.sqrt(2))  # std of {0, 1} is 1/sqrt(2)
+
+
+def test_advantage_errors_name_the_problem():
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        group_advantages(torch.zeros(8), 3)
+    with pytest.raises(ValueError, match="'group', 'batch', 'none'"):
+        group_advantages(torch.zeros(8), 4, scale="rank")
+
+
+# ---- the clipped loss ------------------------------------------------------------------------------------------
+
+
+def random_batch(N=6, T=7, seed=0, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3
+    old = logp + (torch.rand(N, T, generator=g, dtype=torch.float64) - 0.5) * spread
+    ref = logp + (torch.rand(N, T, generator=g, dtype=torch.float64) - 0.5) * spread
+    A = torch.randn(N, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    return logp, old, A, mask, ref
+
+
+def loop_loss(logp, old, A, mask, ref, eps_low, eps_high, beta, loss_type, importance_level, max_len):
+    """Reference: the formulas of GRPO.md, one token at a time."""
+    N, T = logp.shape
+    total, per_seq, n_tok = 0.0, [], 0
+    for i in range(N):
+        L = int(mask[i].sum())
+        if importance_level == "sequence":
+            s = math.exp(sum(float(logp[i, t] - old[i, t]) for t in range(L)) / L)
+        seq_sum = 0.0
+        for t in range(L):
+            rho = s if importance_level == "sequence" else math.exp(float(logp[i, t] - old[i, t]))
+            a = float(A[i])
+            term = min(rho * a, min(max(rho, 1 - eps_low), 1 + eps_high) * a)
+            if beta > 0:
+                d = float(ref[i, t] - logp[i, t])
+                term -= beta * (math.exp(d) - d - 1)
+            seq_sum += term
+        per_seq.append(seq_sum / L)
+        total += seq_sum
+        n_tok += L
+    if loss_type == "grpo":
+        return -sum(per_seq) / N
+    if loss_type == "dapo":
+        return -total / n_tok
+    return -total / (N * max_len)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("importance_level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_loss_matches_a_double_loop(loss_type, importance_level, beta):
+    logp, old, A, mask, ref = random_batch()
+    eps = (0.2, 0.28) if importance_level == "token" else (3e-4, 4e-4)
+    loss, _ = grpo_loss(logp, old, A, mask, ref, eps_low=eps[0], eps_high=eps[1], beta=beta, loss_type=loss_type,
+                        importance_level=importance_level, max_completion_len=10)
+    expected = loop_loss(logp, old, A, mask, ref, eps[0], eps[1], beta, loss_type, importance_level, 10)
+    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_k3_is_nonnegative_and_zero_when_policies_agree():
+    x = torch.randn(1000, dtype=torch.float64) * 3
+    y = torch.randn(1000, dtype=torch.float64) * 3
+    assert (kl_k3(x, y) >= 0).all()
+    assert torch.equal(kl_k3(x, x), torch.zeros_like(x))
+
+
+def test_k3_mean_estimates_the_true_kl():
+    # Samples from p; E_p[k3] = KL(p || q) for the categorical distributions p, q.
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    draws = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    estimate = kl_k3(p.log()[draws], q.log()[draws]).mean()
+    assert estimate.item() == pytest.approx((p * (p / q).log()).sum().item(), rel=0.02)
+
+
+def test_at_ratio_one_the_gradient_is_reinforce_with_the_group_baseline():
+    model = tiny_gpt()
+    s = sample(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, group_size=4, stop_token=7,
+               generator=torch.Generator().manual_seed(0))
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    A = group_advantages(rewards, 4)
+    mask = s.completion_mask.double()
+
+    model.zero_grad()
+    logp = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    loss, stats = grpo_loss(logp, logp.detach(), A, mask)
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    assert stats["clip_low_frac"] == stats["clip_high_frac"] == 0 and stats["ratio_mean"] == 1
+
+    model.zero_grad()
+    logp = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    reinforce = -sum(A[i] * (logp[i] * mask[i]).sum() / mask[i].sum() for i in range(len(A))) / len(A)
+    reinforce.backward()
+    for a, b in zip(ours, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_tokens_on_the_clipped_side_get_zero_gradient_and_the_others_do_not():
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    #                  rho > 1.2       rho < 0.8        rho > 1.2       rho < 0.8
+    logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.5), math.log(0.5)]], dtype=torch.float64,
+                        requires_grad=True)
+    mask = torch.ones(1, 4, dtype=torch.float64)
+    for A, clipped in ((1.0, [True, False, True, False]), (-1.0, [False, True, False, True])):
+        logp.grad = None
+        loss, stats = grpo_loss(logp, old, torch.tensor([A], dtype=torch.float64), mask)
+        loss.backward()
+        assert [g == 0 for g in logp.grad[0].tolist()] == clipped
+        assert stats["clip_high_frac" if A > 0 else "clip_low_frac"] == 0.5
+
+
+def test_clip_edges_are_inclusive_of_the_unclipped_value():
+    # At rho exactly 1 + eps_high the clipped and unclipped branches agree, so the gradient is still there.
+    logp = torch.tensor([[math.log(1.2)]], dtype=torch.float64, requires_grad=True)
+    loss, stats = grpo_loss(logp, torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                            torch.ones(1, 1, dtype=torch.float64))
+    loss.backward()
+    assert logp.grad.item() == pytest.approx(-1.2) and stats["clip_high_frac"] == 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("importance_level", ["token", "sequence"])
+def test_masked_padding_changes_nothing_value_or_gradient(loss_type, importance_level):
+    logp, old, A, mask, ref = random_batch(spread=0.1)
+    results = []
+    for garbage in (False, True):
+        lp, o, r = logp.clone(), old.clone(), ref.clone()
+        if garbage:
+            pad = mask == 0
+            lp[pad], o[pad], r[pad] = 50.0, float("-inf"), float("nan")
+        lp.requires_grad_(True)
+        loss, _ = grpo_loss(lp, o, A, mask, r, beta=0.04, loss_type=loss_type, importance_level=importance_level)
+        loss.backward()
+        results.append((loss.item(), lp.grad * mask))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_loss_value_is_about_zero_at_ratio_one_with_centred_advantages():
+    logp, _, _, mask, _ = random_batch()
+    mask = torch.ones_like(mask)  # equal lengths, so per-sequence means of centred advantages cancel
+    A = group_advantages(torch.rand(6, dtype=torch.float64), 3)
+    loss, _ = grpo_loss(logp, logp, A, mask)
+    assert abs(loss.item()) < 1e-9
+
+
+def test_loss_errors_name_the_problem():
+    logp, old, A, mask, _ = random_batch()
+    with pytest.raises(ValueError, match="'grpo', 'dapo', 'dr_grpo'"):
+        grpo_loss(logp, old, A, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="beta > 0 needs ref_logp"):
+        grpo_loss(logp, old, A, mask, beta=0.1)
+    with pytest.raises(ValueError, match="'token', 'sequence'"):
+        GRPOConfig(importance_level="word")
+
+
+def test_overlong_penalty_is_dapos_piecewise_line():
+    lengths = torch.tensor([0, 10, 12, 14, 16, 20])
+    got = overlong_penalty(lengths, max_len=16, buffer=4)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, 0.0, -0.5, -1.0, -1.0]))
+
+
+# ---- rewards -------------------------------------------------------------------------------------------------
+
+
+def test_score_weights_and_validates_reward_functions():
+    def length(c, ex):
+        return float(len(c))
+
+    def const(c, ex):
+        return 2.0
+
+    total, table = score(["ab", "abcd"], [None, None], [length, const], weights=(0.5, 1.0))
+    torch.testing.assert_close(total, torch.tensor([3.0, 4.0]))
+    assert table.shape == (2, 2)
+
+    def boom(c, ex):
+        raise KeyError("x")
+
+    with pytest.raises(RuntimeError, match=r"reward function boom raised KeyError.*'abcd'"):
+        score(["abcd"], [None], [boom])
+    for bad in (float("nan"), float("inf"), "1.0", None, True):
+        with pytest.raises(ValueError, match="reward function <lambda> returned"):
+            score(["x"], [None], [lambda c, ex, bad=bad: bad])
+
+
+# ---- grpo_step -----------------------------------------------------------------------------------------------
+
+
+def share_of_token(target):
+    def reward(completion, example):
+        return sum(t == target for t in completion) / max(1, len(completion))
+    reward.__name__ = f"share_of_{target}"
+    return reward
+
+
+def run_toy(steps=25, flip_sign=False, monkeypatch=None, **overrides):
+    model = tiny_gpt(seed=1, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    config = GRPOConfig(**{**dict(group_size=8, max_new_tokens=8), **overrides})
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    if flip_sign:
+        original = grpo.grpo_loss
+        monkeypatch.setattr(grpo, "grpo_loss", lambda *a, **k: (lambda out: (-out[0], out[1]))(original(*a, **k)))
+    history = [grpo_step(model, optimizer, prompts, [None] * 4, [share_of_token(3)], config, generator=g)
+               for _ in range(steps)]
+    return history
+
+
+def test_end_to_end_reward_rises_on_a_toy_task():
+    history = run_toy()
+    first = sum(h["reward_mean"] for h in history[:3]) / 3
+    last = sum(h["reward_mean"] for h in history[-3:]) / 3
+    assert first < 0.1 and last > first + 0.3, (first, last)
+    assert {"reward_share_of_3", "zero_std_frac", "clip_low_frac", "clip_high_frac", "kl", "entropy",
+            "completion_len", "truncated_frac", "grad_norm", "time_sample_s", "time_learn_s"} <= set(history[0])
+
+
+def test_end_to_end_with_a_flipped_loss_sign_fails_to_learn(monkeypatch):
+    history = run_toy(flip_sign=True, monkeypatch=monkeypatch)
+    last = sum(h["reward_mean"] for h in history[-3:]) / 3
+    assert last < 0.05
+
+
+def test_several_inner_iterations_clip_and_stay_finite():
+    history = run_toy(steps=4, num_iterations=3, minibatch_size=16, beta=0.0)
+    assert all(h["optimizer_steps"] == 6 for h in history)
+    assert any(h["clip_low_frac"] + h["clip_high_frac"] > 0 for h in history)  # the clip acts off-policy
+    assert all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_kl_term_uses_the_reference_and_is_zero_at_the_start():
+    model = tiny_gpt(seed=1, dtype=torch.float32)
+    reference = tiny_gpt(seed=1, dtype=torch.float32).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    config = GRPOConfig(group_size=8, max_new_tokens=6, beta=0.04)
+    g = torch.Generator().manual_seed(0)
+
+    def first_token_odd(completion, example):
+        return float(completion[0] % 2)
+
+    m1 = grpo_step(model, optimizer, [[1, 2]], [None], [first_token_odd], config, reference=reference, generator=g)
+    m2 = grpo_step(model, optimizer, [[1, 2]], [None], [first_token_odd], config, reference=reference, generator=g)
+    assert m1["kl"] == pytest.approx(0.0, abs=1e-7) and m2["kl"] > 0
+    with pytest.raises(ValueError, match="beta > 0 needs a reference model"):
+        grpo_step(model, optimizer, [[1, 2]], [None], [share_of_token(3)], config, generator=g)
+
+
+def test_logprobs_use_the_sampling_temperature(monkeypatch):
+    seen = []
+    original = grpo.token_logprobs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["temperature"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "token_logprobs", spy)
+    run_toy(steps=1, temperature=0.6, num_iterations=2)
+    assert seen and set(seen) == {0.6}
+
+
+def test_sampled_token_frequencies_match_logprobs_at_the_sampling_temperature():
+    # Independent of grpo_step: 20,000 one-token draws at temperature 0.5 follow exp(token_logprobs at 0.5).
+    model = tiny_gpt(seed=2, dtype=torch.float64)
+    with torch.no_grad():
+        model.transformer.wte.weight *= 3  # sharper logits, so the temperature visibly changes the distribution
+    s = sample(model, [[1, 2, 3]], max_new_tokens=1, group_size=20_000, temperature=0.5,
+               generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(s.completion[:, 0], minlength=50).double() / 20_000
+    tokens = torch.tensor([[1, 2, 3, t] for t in range(50)])
+    at = {T: token_logprobs(model, tokens, 3, temperature=T)[:, 0].exp() for T in (0.5, 1.0)}
+    assert (freq - at[0.5]).abs().max() < 0.015
+    assert (freq - at[1.0]).abs().max() > 0.1
+
+
+def test_dynamic_sampling_refills_groups_with_spread():
+    model = tiny_gpt(seed=1, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    calls = []
+
+    def reward(completion, example):  # prompts whose example is "flat" give every completion the same reward
+        return 0.0 if example == "flat" else float(len(completion) > 0 and completion[0] % 2)
+
+    def refill(n):
+        calls.append(n)
+        return [[5, 6]] * n, ["spread"] * n
+
+    config = GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True)
+    m = grpo_step(model, optimizer, [[1, 2], [3, 4]], ["flat", "spread"], [reward], config,
+                  generator=torch.Generator().manual_seed(0), refill=refill)
+    assert calls == [1] and m["sampling_rounds"] == 2 and m["zero_std_frac"] == 0.5
+    m = grpo_step(model, optimizer, [[1, 2]], ["flat"], [reward], config,
+                  generator=torch.Generator().manual_seed(0))
+    assert m["skipped"] == 1.0
+
+
+def test_mask_truncated_leaves_unfinished_completions_out():
+    history = run_toy(steps=1, mask_truncated=True, stop_token=3, max_new_tokens=3)
+    assert math.isfinite(history[0]["loss"])
