@@ -1,0 +1,83 @@
+"""
+Addition, the toy task: small enough for seconds-long end-to-end tests, and a clear learning signal.
+
+    <|begin|>123+45=      ->      168<|end|>
+
+Numbers have 1..max_digits digits; digits are single tokens (the tokenizer's pattern splits them). The reward
+gives partial credit per digit (rewards.addition_digits) and full credit for the exact sum. The tokenizer is
+trained in memory on a few thousand equations (a fraction of a second), so there is no file to ship.
+
+Same interface as data/wordle.py: tokenizer(), training_examples(n, rng), prompt(example),
+demonstrations(n, rng, player), reward_functions(), evaluate(player, n), reference_players().
+"""
+
+import random
+from functools import lru_cache
+
+from data.tokenizer import encoding_from_merges, train_bpe
+from rewards import addition_digits, addition_exact
+
+MAX_DIGITS = 2
+EVAL_SEED = 4321
+HEADLINE = ("exact_rate", "digit_score")
+
+
+@lru_cache(maxsize=None)
+def tokenizer():
+    rng = random.Random(0)
+    texts = [f"{rng.randint(0, 999)}+{rng.randint(0, 999)}={rng.randint(0, 1998)}" for _ in range(2000)]
+    return encoding_from_merges(train_bpe(texts, 300), name="addition")
+
+
+def random_example(rng, max_digits=MAX_DIGITS):
+    def number():
+        return rng.randint(0, 10 ** rng.randint(1, max_digits) - 1)
+    return {"a": number(), "b": number()}
+
+
+def prompt(example):
+    return f"<|begin|>{example['a']}+{example['b']}="
+
+
+def training_examples(n, rng):
+    return [random_example(rng) for _ in range(n)]
+
+
+def reward_functions():
+    return [addition_digits, addition_exact], [1.0, 1.0]
+
+
+def reference_players(rng=None):
+    rng = rng or random.Random(0)
+
+    def oracle(examples):
+        return [str(ex["a"] + ex["b"]) for ex in examples]
+
+    def random_digits(examples):
+        return [str(rng.randint(0, 10 ** len(str(ex["a"] + ex["b"])) - 1)) for ex in examples]
+
+    return {"oracle": oracle, "random": random_digits}
+
+
+def demonstrations(n, rng, player="random"):
+    """(prompt, completion) pairs. The default "random" player writes a random number of the right length:
+    it teaches the format, not arithmetic, so whatever the model learns about sums comes from the rewards."""
+    play = reference_players(rng)[player]
+    examples = training_examples(n, rng)
+    return list(zip((prompt(ex) for ex in examples), play(examples)))
+
+
+def evaluation_examples(n):
+    return training_examples(n, random.Random(EVAL_SEED))
+
+
+def evaluate(player, n=200, keep_games=0):
+    """exact_rate: share of exact sums; digit_score: mean partial credit (rewards.addition_digits)."""
+    examples = evaluation_examples(n)
+    texts = player(examples)
+    result = {"games": n, "exact_rate": sum(addition_exact(t, ex) for t, ex in zip(texts, examples)) / n,
+              "digit_score": sum(addition_digits(t, ex) for t, ex in zip(texts, examples)) / n}
+    if keep_games:
+        result["transcripts"] = [{"prompt": prompt(ex), "completion": t}
+                                 for ex, t in zip(examples[:keep_games], texts)]
+    return result

@@ -1,0 +1,300 @@
+"""
+Wordle, the course's running example, as a GRPO task.
+
+A prompt is the game so far, one line per earlier guess with its feedback (G right place, Y elsewhere,
+X absent); the completion is the next guess in tags, ended by <|end|>:
+
+    <|begin|>crane XXGXY\\nslate XXGXG\\n      ->      <guess>image</guess><|end|>
+
+The tokenizer makes every allowed word one token (BPE trained on the word list does so), so the policy
+chooses among words, as a pretrained LLM does, and a tiny model spends its capacity on using the feedback
+rather than on spelling (../shared/NOTES-wordle.md measured that spelling is the bottleneck otherwise).
+
+Files in data/wordle/ (source and license in data/wordle/README.md):
+    allowed.txt            allowed guesses (SCOWL size 70, plus every answer)
+    answers_train.txt      answers for training games and demonstrations
+    answers_heldout.txt    200 answers kept for evaluation, split off with a fixed seed
+    merges.txt             the BPE merges of the tokenizer
+
+    python -m data.wordle build-lists DICT_DIR   # rebuild the word lists from Debian's wamerican packages
+    python -m data.wordle build-tokenizer        # retrain merges.txt from the lists
+    python -m data.wordle players [N]            # the reference players on N held-out games
+
+The task interface train.py uses (every task module has it): tokenizer(), training_examples(n, rng),
+prompt(example), demonstrations(n, rng, player), reward_functions(), evaluate(player, n), model_player(...),
+reference_players().
+"""
+
+import itertools
+import os
+import random
+import re
+import sys
+from functools import lru_cache
+
+import numpy as np
+
+from data.tokenizer import load_encoding, save_merges, train_bpe
+from rewards import (candidates, parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
+                     wordle_format, wordle_info_gain, wordle_partial_credit, wordle_win)
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
+MAX_TURNS = 6
+HELDOUT = 200
+HEADLINE = ("win_rate", "consistent_rate")  # the evaluation figures train.py reports first
+SPLIT_SEED = 1234
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Word lists and tokenizer
+
+
+def read_list(name):
+    with open(os.path.join(HERE, name)) as f:
+        return [w.strip() for w in f if w.strip()]
+
+
+@lru_cache(maxsize=None)
+def words():
+    """(allowed frozenset, all answers tuple, train answers tuple, held-out answers tuple)."""
+    allowed = frozenset(read_list("allowed.txt"))
+    train, heldout = tuple(read_list("answers_train.txt")), tuple(read_list("answers_heldout.txt"))
+    answers = tuple(sorted(train + heldout))
+    return allowed, answers, train, heldout
+
+
+@lru_cache(maxsize=None)
+def tokenizer():
+    return load_encoding(os.path.join(HERE, "merges.txt"), name="wordle")
+
+
+def build_lists(dict_dir):
+    """Answers: five-letter lower-case words of SCOWL's small list (size 35: common words) without plurals,
+    -ed/-ies forms and Roman numerals. Allowed guesses: the same from the large list (size 70), plus answers."""
+    def five_letter(name):
+        with open(os.path.join(dict_dir, name), encoding="latin-1") as f:
+            return {w.strip() for w in f if re.fullmatch(r"[a-z]{5}", w.strip())}
+
+    with open(os.path.join(dict_dir, "american-english-large"), encoding="latin-1") as f:
+        lexicon = {w.strip().lower() for w in f}
+    roman = re.compile(r"m{0,4}(cm|cd|d?c{0,3})(xc|xl|l?x{0,3})(ix|iv|v?i{0,3})")
+
+    def inflected(w):
+        return ((w.endswith("s") and not w.endswith("ss") and (w[:-1] in lexicon or
+                 (w.endswith("es") and w[:-2] in lexicon) or (w.endswith("ies") and w[:-3] + "y" in lexicon)))
+                or (w.endswith("ed") and (w[:-1] in lexicon or w[:-2] in lexicon))
+                or (w.endswith("ied") and w[:-3] + "y" in lexicon))
+
+    answers = sorted(w for w in five_letter("american-english-small") if not inflected(w) and not roman.fullmatch(w))
+    allowed = sorted(five_letter("american-english-large") | set(answers))
+    shuffled = answers[:]
+    random.Random(SPLIT_SEED).shuffle(shuffled)
+    heldout, train = sorted(shuffled[:HELDOUT]), sorted(shuffled[HELDOUT:])
+    for name, lst in (("allowed.txt", allowed), ("answers_train.txt", train), ("answers_heldout.txt", heldout)):
+        with open(os.path.join(HERE, name), "w") as f:
+            f.write("\n".join(lst) + "\n")
+    print(f"wrote {len(allowed)} allowed, {len(train)} train and {len(heldout)} held-out answers to {HERE}")
+
+
+def build_tokenizer():
+    """BPE on the task's text: every allowed word, every feedback pattern, the tags. Training runs until no
+    pair is left inside any piece, so each of them ends up one token."""
+    allowed = sorted(read_list("allowed.txt"))
+    patterns = [" " + "".join(p) for p in itertools.product("GYX", repeat=5)]
+    texts = allowed + patterns + ["<guess>", "</guess>", "<think>", "</think>", "\n"]
+    merges = train_bpe(texts, vocab_size=1 << 20)
+    save_merges(os.path.join(HERE, "merges.txt"), merges)
+    print(f"wrote {len(merges)} merges ({256 + len(merges)} tokens) to {os.path.join(HERE, 'merges.txt')}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts, examples, rewards
+
+
+def prompt(example):
+    return "<|begin|>" + "".join(f"{guess} {fb}\n" for guess, fb in example["history"])
+
+
+def completion(guess):
+    return f"<guess>{guess}</guess>"
+
+
+def make_example(answer, history):
+    allowed, answers, _, _ = words()
+    return {"answer": answer, "history": tuple(history), "allowed": allowed, "answers": answers}
+
+
+def training_examples(n, rng, max_history=4, history_player="candidate"):
+    """n game states from training answers: 0..max_history earlier turns played by a reference player
+    (random consistent candidates by default), never an already won game."""
+    _, _, train, _ = words()
+    play = reference_players(rng)[history_player]
+    examples = []
+    while len(examples) < n:
+        answer = rng.choice(train)
+        history = []
+        for _ in range(rng.randint(0, max_history)):
+            guess = parse_guess(play([make_example(answer, history)])[0])
+            if guess == answer:
+                break
+            history.append((guess, wordle_feedback(guess, answer)))
+        else:
+            examples.append(make_example(answer, history))
+    return examples
+
+
+def reward_functions():
+    """(functions, weights): the course's lesson 8 trio plus the win. Format alone would teach only
+    validity (NOTES-wordle.md); the win and the information gain pay for using the feedback."""
+    return [wordle_format, wordle_feedback_use, wordle_info_gain, wordle_win], [0.2, 0.3, 0.5, 1.0]
+
+
+def demonstrations(n, rng, player="candidate"):
+    """n (prompt, completion) pairs for the supervised warm start: every turn of games on training answers
+    played by a reference player ("random" teaches the format and the words but no strategy)."""
+    _, _, train, _ = words()
+    play = reference_players(rng)[player]
+    pairs = []
+    while len(pairs) < n:
+        answer, history = rng.choice(train), []
+        for _ in range(MAX_TURNS):
+            example = make_example(answer, history)
+            text = play([example])[0]
+            pairs.append((prompt(example), text))
+            guess = parse_guess(text)
+            if guess == answer:
+                break
+            history.append((guess, wordle_feedback(guess, answer)))
+    return pairs[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Players and the full-game evaluator. A player maps a list of examples to a list of completion texts.
+
+
+def feedback_codes(guesses, answers):
+    """(len(guesses), len(answers)) uint8 table of feedback patterns as base-3 codes (G=2, Y=1, X=0 at 3**i),
+    vectorized with numpy and following the same duplicate-letter rule as rewards.wordle_feedback."""
+    g = np.array([[ord(c) - 97 for c in w] for w in guesses], dtype=np.int8)  # (NG, 5)
+    a = np.array([[ord(c) - 97 for c in w] for w in answers], dtype=np.int8)  # (NA, 5)
+    green = g[:, None, :] == a[None, :, :]  # (NG, NA, 5)
+    yellow = np.zeros_like(green)
+    for i in range(5):
+        letter = g[:, i][:, None, None]
+        unmatched = ((a[None, :, :] == letter) & ~green).sum(-1)  # copies of this letter not matched green
+        used = sum((g[:, k] == g[:, i])[:, None] & yellow[:, :, k] for k in range(i)) if i else 0
+        yellow[:, :, i] = ~green[:, :, i] & (unmatched > used)
+    codes = (2 * green + yellow).astype(np.int16) * (3 ** np.arange(5))
+    return codes.sum(-1).astype(np.uint8)
+
+
+def code_to_pattern(code):
+    return "".join("XYG"[(int(code) // 3 ** i) % 3] for i in range(5))
+
+
+@lru_cache(maxsize=None)
+def max_info_table():
+    """(sorted allowed guesses, answer -> column, their feedback codes against every answer): a few seconds."""
+    allowed, answers, _, _ = words()
+    guesses = sorted(allowed)
+    return guesses, {w: i for i, w in enumerate(answers)}, feedback_codes(guesses, answers)
+
+
+def max_info_guess(history):
+    """The allowed guess that minimizes the expected number of candidates left (sum of squared partition
+    sizes); ties go to a guess that could itself be the answer, then alphabetical order."""
+    allowed, answers, _, _ = words()
+    guesses, answer_index, codes = max_info_table()
+    pool = candidates(tuple(history), answers)
+    if len(pool) <= 2:
+        return pool[0]
+    cols = codes[:, [answer_index[w] for w in pool]].astype(np.int64)  # (NG, |pool|)
+    rows = np.repeat(np.arange(len(guesses)), len(pool))
+    counts = np.bincount(rows * 243 + cols.ravel(), minlength=len(guesses) * 243).reshape(len(guesses), 243)
+    expected = (counts.astype(np.int64) ** 2).sum(1)
+    pool_set = set(pool)
+    is_candidate = np.array([g in pool_set for g in guesses])
+    best = np.lexsort((np.arange(len(guesses)), ~is_candidate, expected))[0]
+    return guesses[best]
+
+
+def reference_players(rng=None):
+    rng = rng or random.Random(0)
+    allowed, answers, _, _ = words()
+    allowed_list = sorted(allowed)
+    first = {}
+
+    def random_word(examples):
+        return [completion(rng.choice(allowed_list)) for _ in examples]
+
+    def candidate(examples):
+        return [completion(rng.choice(candidates(ex["history"], answers))) for ex in examples]
+
+    def max_info(examples):
+        out = []
+        for ex in examples:
+            if not ex["history"]:  # the first guess is the same for every game: compute it once
+                first.setdefault("guess", max_info_guess(()))
+                out.append(completion(first["guess"]))
+            else:
+                out.append(completion(max_info_guess(ex["history"])))
+        return out
+
+    return {"random": random_word, "candidate": candidate, "max_info": max_info}
+
+
+def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS):
+    """Play a full game for each of the first n held-out answers (or `answers`), all games a turn at a time.
+    A guess that does not parse or is not an allowed word uses up the turn and adds no feedback.
+    Returns win_rate (won within max_turns), mean_guesses (over wins), invalid_rate and consistent_rate
+    (shares of all guesses: consistent = could still be the answer given the feedback so far), and the first
+    `keep_games` transcripts under "games"."""
+    allowed, _, _, heldout = words()
+    answers = list(answers if answers is not None else heldout[:n])
+    histories = [[] for _ in answers]
+    transcripts = [[] for _ in answers]
+    turns_to_win = [None] * len(answers)
+    guesses = invalid = consistent = 0
+    for turn in range(1, max_turns + 1):
+        active = [i for i in range(len(answers)) if turns_to_win[i] is None]
+        if not active:
+            break
+        texts = player([make_example(answers[i], histories[i]) for i in active])
+        for i, text in zip(active, texts):
+            guess = parse_guess(text)
+            guesses += 1
+            transcripts[i].append(text)
+            if guess is None or guess not in allowed:
+                invalid += 1
+                continue
+            consistent += wordle_consistent(completion(guess), make_example(answers[i], histories[i])) == 1.0
+            histories[i].append((guess, wordle_feedback(guess, answers[i])))
+            if guess == answers[i]:
+                turns_to_win[i] = turn
+    wins = [t for t in turns_to_win if t is not None]
+    result = {"games": len(answers), "win_rate": len(wins) / len(answers),
+              "mean_guesses": sum(wins) / len(wins) if wins else float("nan"),
+              "invalid_rate": invalid / guesses, "consistent_rate": consistent / guesses}
+    if keep_games:
+        result["transcripts"] = [{"answer": answers[i], "guesses": transcripts[i]} for i in range(keep_games)]
+    return result
+
+
+def main(argv):
+    if argv[:1] == ["build-lists"] and len(argv) == 2:
+        build_lists(argv[1])
+    elif argv[:1] == ["build-tokenizer"]:
+        build_tokenizer()
+    elif argv[:1] == ["players"]:
+        n = int(argv[1]) if len(argv) > 1 else HELDOUT
+        for name, player in reference_players(random.Random(0)).items():
+            r = evaluate(player, n)
+            print(f"{name:<10} win {r['win_rate']:.1%}  mean guesses {r['mean_guesses']:.2f}  "
+                  f"invalid {r['invalid_rate']:.1%}  consistent {r['consistent_rate']:.1%}")
+    else:
+        print(__doc__)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,217 @@
+"""
+Reward functions: pure, `reward(completion, example) -> float`, never raising, always finite.
+
+`completion` is the decoded text the policy wrote; `example` is the task's record of the prompt (for Wordle a
+dict with the answer, the game so far and the word lists). Each function's docstring has worked examples; the
+same cases are a parametrized table in tests/test_rewards.py.
+
+Sections: generic helpers (length penalty, weighted combination), Wordle (the course's running example:
+format, use of feedback, information gain, win, partial credit), addition (the toy task for fast tests).
+"""
+
+import re
+from collections import Counter
+from functools import lru_cache
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic
+
+
+def length_penalty(max_chars, per_char=0.01, floor=-1.0):
+    """A reward function: 0 up to max_chars characters, then -per_char per extra character, down to floor.
+    The course's lesson 6 cure for reward hacking by verbosity.
+        length_penalty(5)("abc", None) == 0.0;  length_penalty(5, 0.1)("abcdefg", None) == -0.2"""
+    def reward(completion, example):
+        if not isinstance(completion, str):
+            return 0.0
+        return max(floor, -per_char * max(0, len(completion) - max_chars))
+    reward.__name__ = f"length_penalty_{max_chars}"
+    return reward
+
+
+def combine(weighted, name="combined"):
+    """One reward function from {reward_fn: weight}: the weighted sum, with the parts reported too:
+    `fn.parts(completion, example)` -> {name: value}."""
+    items = list(weighted.items())
+
+    def parts(completion, example):
+        return {getattr(fn, "__name__", str(i)): fn(completion, example) for i, (fn, _) in enumerate(items)}
+
+    def reward(completion, example):
+        return sum(w * fn(completion, example) for fn, w in items)
+    reward.__name__, reward.parts = name, parts
+    return reward
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wordle: the rules
+
+GUESS_RE = re.compile(r"<guess>\s*([^<>\s]*)\s*</guess>", re.IGNORECASE)
+
+
+def parse_guess(completion):
+    """The word between the last <guess> and </guess> tags, lower-cased, or None. Never raises.
+        "<guess>crane</guess>" -> "crane";  "<think>x</think><guess> Slate </guess>" -> "slate";  "crane" -> None"""
+    if not isinstance(completion, str):
+        return None
+    found = GUESS_RE.findall(completion[-2000:])  # a guess is near the end; bounded work on huge strings
+    return found[-1].lower() if found else None
+
+
+def wordle_feedback(guess, answer):
+    """Official rules: greens first; then, left to right, a letter is yellow while the answer still has
+    unmatched copies of it; otherwise grey.  G = right place, Y = elsewhere, X = not in the word / no copies left.
+        ("crane", "crane") -> "GGGGG";  ("speed", "abide") -> "XXYXY";  ("eerie", "sweet") -> "YYXXX" """
+    result = ["X"] * 5
+    unmatched = Counter(a for g, a in zip(guess, answer) if g != a)
+    for i, (g, a) in enumerate(zip(guess, answer)):
+        if g == a:
+            result[i] = "G"
+        elif unmatched[g] > 0:
+            result[i] = "Y"
+            unmatched[g] -= 1
+    return "".join(result)
+
+
+def is_consistent(word, history):
+    """Could `word` be the answer, given every (guess, feedback) so far? Exactly the rules: it must produce
+    the same feedback for each past guess."""
+    return all(wordle_feedback(guess, word) == fb for guess, fb in history)
+
+
+@lru_cache(maxsize=4096)
+def candidates(history, answers):
+    """The answers still possible after `history` (a tuple of (guess, feedback)); answers is a tuple."""
+    return tuple(w for w in answers if is_consistent(w, history))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wordle: the course's rewards. example = {"answer": str, "history": tuple of (guess, feedback),
+#                                          "allowed": frozenset of guesses, "answers": tuple of possible answers}
+
+
+def wordle_format(completion, example):
+    """Lesson 8's format reward: 1.0 for a tagged guess that is an allowed word, 0.5 for five letters that are
+    not in the list, 0.1 for a tagged guess of the wrong length, 0.0 when no guess parses.
+        "<guess>crane</guess>" -> 1.0;  "<guess>zzzzz</guess>" -> 0.5;  "<guess>cranes</guess>" -> 0.1;  "crane" -> 0.0"""
+    guess = parse_guess(completion)
+    if guess is None:
+        return 0.0
+    if len(guess) != 5 or not guess.isascii() or not guess.isalpha():
+        return 0.1
+    return 1.0 if guess in example["allowed"] else 0.5
+
+
+def wordle_feedback_use(completion, example):
+    """Lesson 8's "uses previous feedback": for each letter of a valid guess, +0.2 for keeping a green in its
+    place, +0.1 for moving a yellow to a new place, -0.2 for putting a yellow back where it was yellow, -0.5 for
+    a letter already shown absent, +0.05 for a letter not tried yet; the sum is clipped to [-1, 1]. Repeating an
+    earlier guess scores -1: it is a valid word that tells nothing (the reward hack the course warns about).
+    An unparsable or invalid guess scores 0.
+        history [("crane", "XXGXY")], "<guess>email</guess>" -> e moved +0.1, m,i,l new +0.15, a kept +0.2: 0.45"""
+    guess = parse_guess(completion)
+    history = example["history"]
+    if guess is None or guess not in example["allowed"]:
+        return 0.0
+    if any(guess == g for g, _ in history):
+        return -1.0
+    green, yellow, present = set(), set(), set()
+    for g, fb in history:
+        for i, (letter, mark) in enumerate(zip(g, fb)):
+            if mark == "G":
+                green.add((letter, i))
+                present.add(letter)
+            elif mark == "Y":
+                yellow.add((letter, i))
+                present.add(letter)
+    absent = {letter for g, fb in history for letter, mark in zip(g, fb) if mark == "X"} - present
+    tried = {letter for g, _ in history for letter in g}
+    score = 0.0
+    for i, letter in enumerate(guess):
+        if (letter, i) in green:
+            score += 0.2
+        elif (letter, i) in yellow:
+            score -= 0.2
+        elif letter in absent:
+            score -= 0.5
+        elif any(letter == y for y, _ in yellow):
+            score += 0.1
+        elif letter not in tried:
+            score += 0.05
+    return max(-1.0, min(1.0, score))
+
+
+def wordle_info_gain(completion, example):
+    """Lesson 8's information gain: how much the guess is expected to shrink the set C of answers still
+    possible, (|C| - E[|C after|]) / (|C| - 1), in [0, 1], computed exactly over the answer list. 1.0 means
+    every outcome leaves one candidate; a repeated guess or one that cannot split C scores 0. With one
+    candidate left, 1.0 for guessing it. Invalid or unparsable guesses score 0.
+        C = {"crane", "crate", "grape"}: "<guess>crane</guess>" -> each outcome distinct -> 1.0"""
+    guess = parse_guess(completion)
+    if guess is None or guess not in example["allowed"]:
+        return 0.0
+    return expected_reduction(guess, tuple(example["history"]), example["answers"])
+
+
+@lru_cache(maxsize=65536)
+def expected_reduction(guess, history, answers):
+    pool = candidates(history, answers)
+    if len(pool) <= 1:
+        return 1.0 if pool and pool[0] == guess else 0.0
+    sizes = Counter(wordle_feedback(guess, w) for w in pool)
+    expected_left = sum(n * n for n in sizes.values()) / len(pool)
+    return (len(pool) - expected_left) / (len(pool) - 1)
+
+
+def wordle_win(completion, example):
+    """1.0 if the guess is the answer, else 0.0.  "<guess>crane</guess>" with answer "crane" -> 1.0"""
+    return 1.0 if parse_guess(completion) == example["answer"] else 0.0
+
+
+def wordle_partial_credit(completion, example):
+    """Lesson 4's partial credit: 1.0 for the answer, else 0.2 per green and 0.1 per yellow of an allowed
+    guess (at most 0.8 short of a win); 0 for an invalid or unparsable guess.
+        answer "crane": "<guess>crate</guess>" -> 4 greens -> 0.8;  "<guess>nacre</guess>" -> 0.1*4 + 0.2 = 0.6"""
+    guess = parse_guess(completion)
+    if guess is None or guess not in example["allowed"]:
+        return 0.0
+    if guess == example["answer"]:
+        return 1.0
+    fb = wordle_feedback(guess, example["answer"])
+    return min(0.8, 0.2 * fb.count("G") + 0.1 * fb.count("Y"))
+
+
+def wordle_consistent(completion, example):
+    """1.0 if the guess is an allowed word that could still be the answer given all feedback, else 0.0; a
+    repeated guess is never consistent (its own feedback rules it out unless it was the answer)."""
+    guess = parse_guess(completion)
+    if guess is None or guess not in example["allowed"]:
+        return 0.0
+    return 1.0 if is_consistent(guess, example["history"]) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Addition: the toy task. example = {"a": int, "b": int}; the completion should be the digits of a + b.
+
+NUMBER_RE = re.compile(r"\s*([0-9]{1,40})")
+
+
+def addition_digits(completion, example):
+    """Partial credit per digit: the share of the answer's digits that are right, aligned from the right,
+    minus nothing for length; 1.0 only for the exact sum. Non-numbers score 0.
+        a=12, b=30 (42): "42" -> 1.0;  "41" -> 0.5;  "142" -> 2/3;  "x" -> 0.0"""
+    if not isinstance(completion, str):
+        return 0.0
+    m = NUMBER_RE.match(completion[:64])
+    if not m:
+        return 0.0
+    got, want = m.group(1), str(example["a"] + example["b"])
+    if got == want:
+        return 1.0
+    right = sum(g == w for g, w in zip(reversed(got), reversed(want)))
+    return right / max(len(got), len(want))
+
+
+def addition_exact(completion, example):
+    """1.0 for exactly the sum (surrounding whitespace allowed), else 0.0."""
+    return 1.0 if isinstance(completion, str) and completion.strip() == str(example["a"] + example["b"]) else 0.0
