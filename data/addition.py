@@ -56,12 +56,30 @@ def reference_players(rng=None):
     def random_digits(examples):
         return [str(rng.randint(0, 10 ** len(str(ex["a"] + ex["b"])) - 1)) for ex in examples]
 
-    return {"oracle": oracle, "random": random_digits}
+    def sloppy(examples):  # forgets to carry half the time: right on carry-free sums, else a coin flip
+        return [str(ex["a"] + ex["b"] if rng.random() < 0.5 else sum_without_carry(ex["a"], ex["b"]))
+                for ex in examples]
+
+    return {"oracle": oracle, "sloppy": sloppy, "random": random_digits}
 
 
-def demonstrations(n, rng, player="random"):
-    """(prompt, completion) pairs. The default "random" player writes a random number of the right length:
-    it teaches the format, not arithmetic, so whatever the model learns about sums comes from the rewards."""
+def sum_without_carry(a, b):
+    """Digit-wise sum mod 10, the classic slip: 58 + 67 -> 15 (5+6=11 -> 1, 8+7=15 -> 5)."""
+    digits, place = 0, 1
+    while a or b:
+        digits += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return digits
+
+
+# The default warm start imitates correct sums, briefly: it teaches the format and a little arithmetic, and GRPO
+# takes it from there. "sloppy" (a teacher who forgets the carry half the time) is the other instructive choice.
+DEFAULT_PLAYER = "oracle"
+
+
+def demonstrations(n, rng, player=DEFAULT_PLAYER):
+    """(prompt, completion) pairs from a reference player: "oracle" (always right), "sloppy" (the default: forgets
+    the carry half the time) or "random" (a random number of the right length: the format, no arithmetic)."""
     play = reference_players(rng)[player]
     examples = training_examples(n, rng)
     return list(zip((prompt(ex) for ex in examples), play(examples)))

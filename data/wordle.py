@@ -1,14 +1,18 @@
 """
 Wordle, the course's running example, as a GRPO task.
 
-A prompt is the game so far, one line per earlier guess with its feedback (G right place, Y elsewhere,
-X absent); the completion is the next guess in tags, ended by <|end|>:
+A prompt is the game so far, one line per earlier guess, each letter followed by its feedback (G right place,
+Y elsewhere, X absent); the completion is the next guess in tags, ended by <|end|>:
 
-    <|begin|>crane XXGXY\\nslate XXGXG\\n      ->      <guess>image</guess><|end|>
+    <|begin|> cX rX aG nX eY\\n sX lX aG tX eG\\n      ->      <guess>image</guess><|end|>
 
-The tokenizer makes every allowed word one token (BPE trained on the word list does so), so the policy
-chooses among words, as a pretrained LLM does, and a tiny model spends its capacity on using the feedback
-rather than on spelling (../shared/NOTES-wordle.md measured that spelling is the bottleneck otherwise).
+Two choices make this learnable for a tiny model trained from scratch on a CPU:
+- The guess is one token: BPE trained on the word list makes every allowed word a token, so the policy chooses
+  among words as a pretrained LLM does and never misspells (../shared/NOTES-wordle.md measured spelling to be
+  the bottleneck of a character-level model).
+- The history is spelled out, letter and mark fused into one token (" aG": a, green), six tokens a line. With
+  the earlier guesses as word tokens the model would first have to discover the letters of thousands of words
+  before feedback meant anything; a first try that way stayed at the unigram loss (ln 2118 nats per guess).
 
 Files in data/wordle/ (source and license in data/wordle/README.md):
     allowed.txt            allowed guesses (SCOWL size 70, plus every answer)
@@ -26,6 +30,7 @@ reference_players().
 """
 
 import itertools
+import math
 import os
 import random
 import re
@@ -33,9 +38,10 @@ import sys
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from data.tokenizer import load_encoding, save_merges, train_bpe
-from rewards import (candidates, parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
+from rewards import (parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
                      wordle_format, wordle_info_gain, wordle_partial_credit, wordle_win)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
@@ -97,11 +103,11 @@ def build_lists(dict_dir):
 
 
 def build_tokenizer():
-    """BPE on the task's text: every allowed word, every feedback pattern, the tags. Training runs until no
+    """BPE on the task's text: every allowed word, every letter+mark pair, the tags. Training runs until no
     pair is left inside any piece, so each of them ends up one token."""
     allowed = sorted(read_list("allowed.txt"))
-    patterns = [" " + "".join(p) for p in itertools.product("GYX", repeat=5)]
-    texts = allowed + patterns + ["<guess>", "</guess>", "<think>", "</think>", "\n"]
+    letter_marks = [f" {letter}{mark}" for letter, mark in itertools.product("abcdefghijklmnopqrstuvwxyz", "GYX")]
+    texts = allowed + letter_marks + ["<guess>", "</guess>", "<think>", "</think>", "\n"]
     merges = train_bpe(texts, vocab_size=1 << 20)
     save_merges(os.path.join(HERE, "merges.txt"), merges)
     print(f"wrote {len(merges)} merges ({256 + len(merges)} tokens) to {os.path.join(HERE, 'merges.txt')}")
@@ -112,11 +118,30 @@ def build_tokenizer():
 
 
 def prompt(example):
-    return "<|begin|>" + "".join(f"{guess} {fb}\n" for guess, fb in example["history"])
+    lines = ("".join(f" {letter}{mark}" for letter, mark in zip(guess, fb)) + "\n" for guess, fb in example["history"])
+    return "<|begin|>" + "".join(lines)
 
 
 def completion(guess):
     return f"<guess>{guess}</guess>"
+
+
+@torch.no_grad()
+def init_embeddings(weight, enc, seed=0):
+    """Give every word token an embedding built from its letters: the sum of a random vector for each
+    (position, letter) and for each letter anywhere, scaled to GPT-2's init std of 0.02. Words that share
+    letters then share directions from the start, so what the model learns about one word (say, "a is green
+    in position 2") moves every word with that letter there. Only the initialization changes: the model is
+    a plain GPT and all of it trains. Without it a tiny model barely leaves the unigram loss in minutes."""
+    g = torch.Generator().manual_seed(seed)
+    C = weight.size(1)
+    at = torch.randn(5, 26, C, generator=g)    # letter at a position: greens
+    anywhere = torch.randn(26, C, generator=g)  # letter anywhere: yellows and greys
+    allowed, _, _, _ = words()
+    for word in sorted(allowed):
+        letters = [ord(c) - 97 for c in word]
+        vec = sum(at[i, l] for i, l in enumerate(letters)) + sum(anywhere[l] for l in letters)
+        weight[enc.encode_single_token(word)] = (0.02 / math.sqrt(10)) * vec.to(weight)
 
 
 def make_example(answer, history):
@@ -149,7 +174,10 @@ def reward_functions():
     return [wordle_format, wordle_feedback_use, wordle_info_gain, wordle_win], [0.2, 0.3, 0.5, 1.0]
 
 
-def demonstrations(n, rng, player="candidate"):
+DEFAULT_PLAYER = "candidate"  # whose games the warm start imitates
+
+
+def demonstrations(n, rng, player=DEFAULT_PLAYER):
     """n (prompt, completion) pairs for the supervised warm start: every turn of games on training answers
     played by a reference player ("random" teaches the format and the words but no strategy)."""
     _, _, train, _ = words()
@@ -193,27 +221,45 @@ def code_to_pattern(code):
 
 
 @lru_cache(maxsize=None)
-def max_info_table():
-    """(sorted allowed guesses, answer -> column, their feedback codes against every answer): a few seconds."""
+def feedback_table():
+    """Feedback codes of every allowed guess against every answer, computed once (a few seconds), so the
+    players and the data generators filter candidates with one indexing operation instead of a Python loop.
+    Returns (sorted allowed guesses, guess -> row, answer -> column, codes (guesses, answers) uint8)."""
     allowed, answers, _, _ = words()
     guesses = sorted(allowed)
-    return guesses, {w: i for i, w in enumerate(answers)}, feedback_codes(guesses, answers)
+    return (guesses, {w: i for i, w in enumerate(guesses)}, {w: i for i, w in enumerate(answers)},
+            feedback_codes(guesses, answers))
+
+
+PATTERN_CODE = {code_to_pattern(c): c for c in range(243)}
+
+
+@lru_cache(maxsize=100_000)
+def pool_after(history):
+    """Indices (into the answer list) of the answers consistent with history, a tuple of (guess, feedback)."""
+    _, answers, _, _ = words()
+    if not history:
+        return np.arange(len(answers))
+    _, row, _, codes = feedback_table()
+    pool = pool_after(history[:-1])
+    guess, fb = history[-1]
+    return pool[codes[row[guess], pool] == PATTERN_CODE[fb]]
 
 
 def max_info_guess(history):
     """The allowed guess that minimizes the expected number of candidates left (sum of squared partition
     sizes); ties go to a guess that could itself be the answer, then alphabetical order."""
-    allowed, answers, _, _ = words()
-    guesses, answer_index, codes = max_info_table()
-    pool = candidates(tuple(history), answers)
+    _, answers, _, _ = words()
+    guesses, _, _, codes = feedback_table()
+    pool = pool_after(tuple(history))
     if len(pool) <= 2:
-        return pool[0]
-    cols = codes[:, [answer_index[w] for w in pool]].astype(np.int64)  # (NG, |pool|)
+        return answers[pool[0]]
+    cols = codes[:, pool].astype(np.int64)  # (guesses, |pool|)
     rows = np.repeat(np.arange(len(guesses)), len(pool))
     counts = np.bincount(rows * 243 + cols.ravel(), minlength=len(guesses) * 243).reshape(len(guesses), 243)
-    expected = (counts.astype(np.int64) ** 2).sum(1)
-    pool_set = set(pool)
-    is_candidate = np.array([g in pool_set for g in guesses])
+    expected = (counts ** 2).sum(1)
+    pool_words = {answers[i] for i in pool}
+    is_candidate = np.array([g in pool_words for g in guesses])
     best = np.lexsort((np.arange(len(guesses)), ~is_candidate, expected))[0]
     return guesses[best]
 
@@ -222,18 +268,18 @@ def reference_players(rng=None):
     rng = rng or random.Random(0)
     allowed, answers, _, _ = words()
     allowed_list = sorted(allowed)
-    first = {}
+    first = {}  # the first guess is the same for every game: computed once
 
     def random_word(examples):
         return [completion(rng.choice(allowed_list)) for _ in examples]
 
     def candidate(examples):
-        return [completion(rng.choice(candidates(ex["history"], answers))) for ex in examples]
+        return [completion(answers[rng.choice(pool_after(tuple(ex["history"])))]) for ex in examples]
 
     def max_info(examples):
         out = []
         for ex in examples:
-            if not ex["history"]:  # the first guess is the same for every game: compute it once
+            if not ex["history"]:
                 first.setdefault("guess", max_info_guess(()))
                 out.append(completion(first["guess"]))
             else:

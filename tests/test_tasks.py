@@ -20,7 +20,7 @@ def test_every_allowed_word_is_one_token_and_prompts_round_trip():
     example = wordle.make_example("crane", [("slate", "XXGXG"), ("grape", "XGGXG")])
     text = wordle.prompt(example) + wordle.completion("crane") + "<|end|>"
     ids = enc.encode(text, allowed_special="all")
-    assert enc.decode(ids) == text and len(ids) == 1 + 3 * 2 + 4  # begin, (word, pattern, newline) x 2, guess
+    assert enc.decode(ids) == text and len(ids) == 1 + 6 * 2 + 4  # begin, (5 letter+mark, newline) x 2, guess
 
 
 def test_numpy_feedback_codes_match_the_rules():

@@ -1,0 +1,105 @@
+"""
+Plots and tables from run folders (matplotlib is an optional extra: train.py never needs it).
+
+    python experiments/plot.py curves OUT.png RUN [RUN ...]          # GRPO reward and eval curves of runs
+    python experiments/plot.py ablation OUT.png OUT.md RUN [RUN ...]  # final eval by config, mean and spread
+
+Runs are grouped by their config.json minus the seed, so seeds of one setting become one line of the table
+(mean, standard deviation, min and max) and one band in the plot.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+
+def load(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    return config, records
+
+
+def smooth(values, k=20):
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= k:
+            total -= values[i - k]
+        out.append(total / min(i + 1, k))
+    return out
+
+
+def curves(out_png, runs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        config, records = load(run)
+        label = os.path.basename(run.rstrip("/"))
+        grpo = [r for r in records if r["stage"] == "grpo"]
+        ax1.plot([r["step"] for r in grpo], smooth([r["reward_mean"] for r in grpo]), label=label)
+        evals = [r for r in records if r["stage"] == "eval"]
+        key = "exact_rate" if "exact_rate" in evals[0] else "win_rate"
+        ax2.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=label)
+    ax1.set(title="GRPO reward (mean of the batch, 20-step average)", xlabel="GRPO step", ylabel="reward")
+    ax2.set(title=f"held-out {key} (greedy)", xlabel="GRPO step", ylabel=key)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    print(f"wrote {out_png}")
+
+
+def ablation(out_png, out_md, runs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for run in runs:
+        config, records = load(run)
+        knobs = (config["loss_type"], config["beta"])
+        final = [r for r in records if r["stage"] == "eval"][-1]
+        first = [r for r in records if r["stage"] == "eval"][0]
+        groups.setdefault(knobs, []).append((config["seed"], first, final, records))
+    lines = ["| loss_type | beta | seeds | exact before | exact after: mean ± std (min..max) | digit score after |",
+             "|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (loss_type, beta), items in sorted(groups.items()):
+        after = [f["exact_rate"] for _, _, f, _ in items]
+        digits = [f["digit_score"] for _, _, f, _ in items]
+        before = items[0][1]["exact_rate"]
+        sd = statistics.stdev(after) if len(after) > 1 else 0.0
+        lines.append(f"| {loss_type} | {beta:g} | {len(items)} | {before:.3f} | {statistics.mean(after):.3f} ± {sd:.3f} "
+                     f"({min(after):.3f}..{max(after):.3f}) | {statistics.mean(digits):.3f} |")
+        for seed, _, _, records in items:
+            grpo = [r for r in records if r["stage"] == "grpo"]
+            ax.plot([r["step"] for r in grpo], smooth([r["reward_mean"] for r in grpo], 30), alpha=0.7,
+                    label=f"{loss_type}, beta {beta:g}, seed {seed}",
+                    color={("grpo", 0.0): "C0", ("grpo", 0.04): "C1", ("dr_grpo", 0.0): "C2",
+                           ("dr_grpo", 0.04): "C3"}.get((loss_type, beta), "C4"))
+    ax.set(title="GRPO reward by loss type and KL beta (30-step average)", xlabel="GRPO step", ylabel="reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    with open(out_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out_png} and {out_md}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["curves"]:
+        curves(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1:2] == ["ablation"]:
+        ablation(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        print(__doc__)
+        sys.exit(2)

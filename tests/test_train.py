@@ -1,0 +1,135 @@
+"""train.py end to end on the toy task: tiny models, seconds per run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--task=addition", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--sft_steps=6",
+        "--sft_batch_size=16", "--grpo_steps=8", "--prompts_per_step=4", "--group_size=4", "--eval_interval=4",
+        "--eval_games=20", "--checkpoint_interval=1", "--max_new_tokens=5", "--threads=1"]
+
+
+def run_train(args, **kwargs):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_unknown_and_bad_flags_are_rejected_with_the_closest_names():
+    with pytest.raises(SystemExit, match="unknown option --group_szie; did you mean --group_size"):
+        train.parse_config(["--group_szie=4"])
+    with pytest.raises(SystemExit, match="--lr='fast' is not a valid float"):
+        train.parse_config(["--lr=fast"])
+    with pytest.raises(SystemExit, match="loss_type='ppo' is not one of grpo, dapo, dr_grpo"):
+        train.parse_config(["--loss_type=ppo"])
+    with pytest.raises(SystemExit, match="expected --key=value"):
+        train.parse_config(["lr=1"])
+    cfg = train.parse_config(["--beta=0.04", "--dynamic_sampling", "--overwrite=false", "--task=addition"])
+    assert cfg.beta == 0.04 and cfg.dynamic_sampling and not cfg.overwrite and cfg.task == "addition"
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    out = capsys.readouterr().out
+    for f in train.dataclasses.fields(train.TrainConfig):
+        assert f"--{f.name}=" in out
+
+
+def test_end_to_end_run_writes_metrics_eval_samples_and_config(tmp_path):
+    out = tmp_path / "run"
+    result = run_train(TINY + [f"--out_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    grpo_steps = [r for r in records if r["stage"] == "grpo"]
+    assert [r["step"] for r in grpo_steps] == list(range(8))
+    assert all("reward_mean" in r and "clip_low_frac" in r and "grad_norm" in r for r in grpo_steps)
+    assert [r["step"] for r in records if r["stage"] == "sft"] == list(range(6))
+    assert [r["step"] for r in records if r["stage"] == "eval"] == [0, 4, 8]
+    table = json.loads((out / "eval.json").read_text())
+    assert {"warm start", "GRPO", "player: oracle", "player: random"} <= set(table)
+    assert table["player: oracle"]["exact_rate"] == 1.0
+    assert json.loads((out / "config.json").read_text())["group_size"] == 4
+    assert len(read_jsonl(out / "samples.jsonl")) == 3
+    assert "step    7 | reward" in result.stdout
+    # the folder now holds a run: a second run there must be refused
+    again = run_train(TINY + [f"--out_dir={out}"])
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_train(TINY + [f"--out_dir={whole}"]).returncode == 0
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--out_dir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it somewhere after GRPO step 3
+        path = killed / "metrics.jsonl"
+        if path.exists() and any(r["stage"] == "grpo" and r["step"] >= 3 for r in read_jsonl(path)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "eval.json").exists()  # it really died before the end
+    result = run_train(TINY + [f"--out_dir={killed}", "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(whole / "ckpt.pt", weights_only=True)
+    b = torch.load(killed / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 7
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    grpo_a = [r["reward_mean"] for r in read_jsonl(whole / "metrics.jsonl") if r["stage"] == "grpo"]
+    grpo_b = [r["reward_mean"] for r in read_jsonl(killed / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert grpo_a == grpo_b  # and the log has each step once
+    ev_a, ev_b = (json.loads((d / "eval.json").read_text()) for d in (whole, killed))
+    assert ev_a["GRPO"] == ev_b["GRPO"] and ev_a["warm start"] == ev_b["warm start"]
+
+
+def test_resuming_with_another_model_shape_names_the_difference(tmp_path):
+    out = tmp_path / "run"
+    assert run_train(TINY + [f"--out_dir={out}", "--grpo_steps=1"]).returncode == 0
+    result = run_train(TINY + [f"--out_dir={out}", "--resume", "--n_layer=3"])
+    assert result.returncode != 0 and "missing transformer.h.2" in result.stderr
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import grpo
+    calls = {"n": 0}
+    original = grpo.grpo_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = original(*args, **kwargs)
+        return (loss * float("nan"), stats) if calls["n"] == 3 else (loss, stats)
+
+    monkeypatch.setattr(grpo, "grpo_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="stopped at GRPO step 2.*last good checkpoint"):
+        train.main(TINY + [f"--out_dir={out}", "--reference_players=false", "--num_iterations=1"])  # 1 loss call a step
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["stage"] == "grpo" and ckpt["step"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_two_processes_with_torchrun(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           f"--out_dir={out}", "--grpo_steps=3", "--reference_players=false"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["stage"] == "grpo"] == [0, 1, 2]  # written once, by rank 0
+    assert "x2" in result.stdout

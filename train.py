@@ -1,0 +1,561 @@
+"""
+Train a small GPT with GRPO, end to end: a supervised warm start on a task's demonstrations, then GRPO from
+rewards alone, with held-out evaluations before, during and after.
+
+    python train.py                                   # the default run: addition, CPU-sized, a few minutes
+    python train.py --task=wordle --sft_steps=1500    # any config field is a flag; --help lists them all
+    python train.py --resume                          # continue a killed run from its last checkpoint
+    torchrun --nproc_per_node=2 train.py              # data parallel: prompts split across processes
+
+The run folder (--out_dir) gets config.json, metrics.jsonl (one JSON object per step and stage), eval.json
+(the final table), samples.jsonl (decoded games at every evaluation) and ckpt.pt (atomic, for --resume).
+"""
+
+import dataclasses
+import difflib
+import importlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import grpo
+from model import GPT, GPTConfig, config_from_dict, load_state_dict_checked, pad_left, sample, token_logprobs
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # task and run
+    task: str = opt("addition", "task module under data/: addition (the default run) or wordle")
+    out_dir: str = opt("runs/default", "run folder")
+    resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
+    overwrite: bool = opt(False, "replace a finished or different run in out_dir")
+    init_from: str = opt("scratch", "scratch, a checkpoint file of ours (.pt), or a local GPT-2 directory")
+    seed: int = opt(1337, "seed of the run (model init, data, sampling)")
+    device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, mps")
+    dtype: str = opt("auto", "auto (bfloat16 on cuda, else float32), float32, bfloat16: autocast dtype")
+    compile: bool = opt(False, "torch.compile the training forward pass")
+    threads: int = opt(0, "CPU threads for torch; 0 keeps torch's default")
+    # model (ignored when init_from loads one)
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "attention heads")
+    n_embd: int = opt(128, "model width")
+    block_size: int = opt(64, "context length, tokens")
+    # stage 1: supervised warm start
+    sft_steps: int = opt(150, "warm-start optimizer steps (0 skips the stage)")
+    sft_batch_size: int = opt(64, "demonstrations per warm-start step")
+    sft_lr: float = opt(3e-3, "warm-start peak learning rate (warmup, then cosine to 10%)")
+    sft_player: str = opt("", "reference player whose games are the demonstrations; empty = the task's default")
+    # stage 2: GRPO
+    grpo_steps: int = opt(600, "GRPO iterations (0 skips the stage)")
+    prompts_per_step: int = opt(16, "prompts per GRPO step (split across processes)")
+    group_size: int = opt(8, "completions sampled per prompt")
+    num_iterations: int = opt(2, "optimizer passes over each rollout batch (>1 makes the clip act)")
+    minibatch_size: int = opt(0, "rows per optimizer step within a pass; 0 = the whole batch")
+    lr: float = opt(3e-4, "GRPO learning rate (constant after a 5-step warmup)")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
+    eps_low: float = opt(0.2, "clip range below 1")
+    eps_high: float = opt(0.2, "clip range above 1 (0.28 = DAPO clip-higher)")
+    beta: float = opt(0.0, "KL penalty to the warm-start model; 0 keeps no reference model")
+    loss_type: str = opt("grpo", "grpo, dapo or dr_grpo: how token terms are averaged")
+    scale_rewards: str = opt("group", "group, batch or none (Dr. GRPO): advantage scaling")
+    importance_level: str = opt("token", "token, or sequence (GSPO)")
+    temperature: float = opt(1.0, "sampling temperature during GRPO")
+    top_k: int = opt(0, "top-k sampling during GRPO; 0 = off")
+    max_new_tokens: int = opt(5, "completion length cap, tokens (Wordle needs 4, addition 4)")
+    reward_weights: str = opt("", "comma-separated weights, one per task reward; empty = the task's defaults")
+    max_grad_norm: float = opt(1.0, "gradient clipping; 0 = off")
+    dynamic_sampling: bool = opt(False, "DAPO dynamic sampling")
+    mask_truncated: bool = opt(False, "DAPO: leave completions without a stop token out of the loss")
+    overlong_buffer: int = opt(0, "DAPO soft overlong penalty width, tokens; 0 = off")
+    # evaluation and logging
+    eval_interval: int = opt(100, "GRPO steps between evaluations")
+    eval_games: int = opt(200, "held-out games (or problems) per evaluation")
+    log_samples: int = opt(4, "decoded games saved to samples.jsonl at each evaluation")
+    checkpoint_interval: int = opt(50, "steps between checkpoints, in either stage")
+    reference_players: bool = opt(True, "evaluate the task's reference players for the final table")
+    wandb: bool = opt(False, "also log to Weights & Biases (needs wandb installed and configured)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config from the command line: --key=value (or --flag for booleans), nothing else
+
+
+def parse_config(argv):
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        for f in fields.values():
+            print(f"  --{f.name}={f.default!s:<12} {f.metadata['help']}")
+        sys.exit(0)
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: expected --key=value, got {arg!r}")
+        key, has_value, raw = arg[2:].partition("=")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            raise SystemExit(f"error: unknown option --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
+                                                                if close else "; see --help"))
+        kind = type(fields[key].default)
+        if kind is bool and not has_value:
+            values[key] = True
+            continue
+        try:
+            values[key] = parse_value(raw, kind)
+        except ValueError:
+            raise SystemExit(f"error: --{key}={raw!r} is not a valid {kind.__name__}") from None
+    cfg = TrainConfig(**values)
+    check_config(cfg)
+    return cfg
+
+
+def parse_value(raw, kind):
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    value = kind(raw)
+    if kind is float and not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def check_config(cfg):
+    checks = [(cfg.task in ("wordle", "addition"), "task must be wordle or addition"),
+              (cfg.group_size >= 1, "group_size must be at least 1"),
+              (cfg.prompts_per_step >= 1, "prompts_per_step must be at least 1"),
+              (cfg.sft_steps >= 0 and cfg.grpo_steps >= 0, "step counts cannot be negative"),
+              (cfg.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+              (cfg.temperature > 0, "temperature must be positive during GRPO"),
+              (cfg.lr > 0 and cfg.sft_lr > 0, "learning rates must be positive"),
+              (cfg.beta >= 0, "beta cannot be negative"),
+              (cfg.eval_interval >= 1 and cfg.checkpoint_interval >= 1, "intervals must be at least 1"),
+              (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), "unknown device"),
+              (cfg.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16")]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"error: {message}")
+    for name, valid in (("loss_type", grpo.LOSS_TYPES), ("scale_rewards", grpo.SCALES),
+                        ("importance_level", grpo.IMPORTANCE_LEVELS)):
+        if getattr(cfg, name) not in valid:
+            raise SystemExit(f"error: --{name}={getattr(cfg, name)!r} is not one of {', '.join(valid)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK and WORLD_SIZE: then one process per device (gloo on CPU, nccl on CUDA)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pick_device(cfg):
+    if cfg.device != "auto":
+        return torch.device(f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" and dist.is_initialized()
+                            else cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_autocast(cfg, device):
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return nullcontext(), dtype
+    return torch.autocast(device.type, dtype=torch.bfloat16), dtype
+
+
+def prepare_out_dir(cfg, rank):
+    """Refuse to mix two runs in one folder: an existing run needs --resume (same run) or --overwrite."""
+    has_run = os.path.exists(os.path.join(cfg.out_dir, "config.json"))
+    if has_run and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"error: {cfg.out_dir} already holds a run; pass --resume to continue it or "
+                         f"--overwrite to replace it (or choose another --out_dir)")
+    if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+        raise SystemExit(f"error: --resume but {cfg.out_dir} has no ckpt.pt")
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if cfg.overwrite and not cfg.resume:
+            for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt"):
+                if os.path.exists(os.path.join(cfg.out_dir, name)):
+                    os.remove(os.path.join(cfg.out_dir, name))
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+
+def build_model(cfg, vocab_size):
+    """A new GPT, or one loaded from a checkpoint of ours or a GPT-2 directory. Returns (model, GPTConfig)."""
+    if cfg.init_from == "scratch":
+        config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                           n_head=cfg.n_head, n_embd=cfg.n_embd)
+        return GPT(config), config
+    if os.path.isdir(cfg.init_from):
+        model = GPT.from_pretrained(cfg.init_from)
+        if model.config.vocab_size < vocab_size:
+            raise SystemExit(f"error: {cfg.init_from} has a vocabulary of {model.config.vocab_size}, the task's "
+                             f"tokenizer needs {vocab_size}")
+        return model, model.config
+    ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+    config = config_from_dict(ckpt["model_config"])
+    if config.vocab_size != vocab_size:
+        raise SystemExit(f"error: {cfg.init_from} was trained with a vocabulary of {config.vocab_size}, the task's "
+                         f"tokenizer has {vocab_size}")
+    model = GPT(config)
+    load_state_dict_checked(model, ckpt["model"], source=cfg.init_from)
+    return model, config
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW; weight decay only on matrices (not biases, norms, or the position table)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wpe" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
+
+
+def sft_lr(step, total, peak):
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, complete enough that a resumed run equals an uninterrupted one
+
+
+def save_checkpoint(path, model, optimizer, model_config, cfg, stage, step, rng, generator):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage, "step": step,
+             "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_config),
+             "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, model, optimizer, rng, generator):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    load_state_dict_checked(model, ckpt["model"], source=path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    py = ckpt["rng"]["python"]
+    rng.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    generator.set_state(ckpt["rng"]["generator"])
+    return ckpt["stage"], ckpt["step"]
+
+
+def truncate_logs(out_dir, stage, step):
+    """Drop log lines written after the checkpoint we resume from: they will be written again. The evaluation
+    at GRPO step s + 1 is logged before checkpoint s, and the resumed run does not redo it, so it stays."""
+    def keep(record):
+        if stage == "sft":
+            return record["stage"] == "sft" and record["step"] <= step
+        return (record["stage"] == "sft" or (record["stage"] == "grpo" and record["step"] <= step)
+                or (record["stage"] in ("eval", "samples") and record["step"] <= step + 1))
+
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records if keep(r))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: the model as a task player (greedy, as it will be used)
+
+
+def model_player(model, enc, max_new_tokens, autocast, temperature=0.0, generator=None):
+    """The model as a task player: greedy by default (as it will be used), or sampled at a temperature."""
+    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+
+    def play(examples, task):
+        prompts = [enc.encode(task.prompt(ex), allowed_special="all") for ex in examples]
+        texts = []
+        for i in range(0, len(prompts), 256):
+            with autocast:
+                s = sample(model, prompts[i:i + 256], max_new_tokens=max_new_tokens, temperature=temperature,
+                           stop_token=end, pad_token=pad, generator=generator)
+            for row, mask in zip(s.completion.tolist(), s.completion_mask.tolist()):
+                texts.append(enc.decode([t for t, m in zip(row, mask) if m and t != end]))
+        return texts
+    return play
+
+
+def evaluate_model(model, enc, task, cfg, autocast):
+    """Held-out evaluation, greedy and sampled at temperature 1. GRPO optimizes the sampled policy, and the
+    two can move differently (a flat distribution's argmax is fragile): both are reported. The sampled pass
+    has its own fixed-seed generator, so every evaluation sees the same random draws and the training
+    generator is untouched (a resumed run stays exact)."""
+    model.eval()
+    device = model.transformer.wte.weight.device
+    greedy = model_player(model, enc, cfg.max_new_tokens, autocast)
+    result = task.evaluate(lambda examples: greedy(examples, task), cfg.eval_games, keep_games=cfg.log_samples)
+    sampled = model_player(model, enc, cfg.max_new_tokens, autocast, temperature=1.0,
+                           generator=torch.Generator(device).manual_seed(cfg.seed))
+    for key, value in task.evaluate(lambda examples: sampled(examples, task), cfg.eval_games).items():
+        if key in task.HEADLINE:
+            result[f"sampled_{key}"] = value
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: supervised warm start on demonstrations (loss on completion tokens only)
+
+
+def sft_batch(pairs, enc, device):
+    """Left-padded prompts then right-padded completions + <|end|>, so every completion starts in one column."""
+    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+    prompts = [enc.encode(p, allowed_special="all") for p, _ in pairs]
+    completions = [enc.encode(c) + [end] for _, c in pairs]
+    prompt_tokens, prompt_valid = pad_left(prompts, pad, device)
+    width = max(len(c) for c in completions)
+    comp = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(pairs), width)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)] = torch.tensor(c)
+        mask[i, :len(c)] = 1
+    tokens = torch.cat([prompt_tokens, comp.to(device)], 1)
+    valid = torch.cat([prompt_valid, torch.ones_like(comp, dtype=torch.bool, device=device)], 1)
+    return tokens, valid, prompt_tokens.size(1), mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def log(run, record, line=None):
+    """One JSON object per line in metrics.jsonl (rank 0), and optionally a dense line on the terminal."""
+    if run["rank"] != 0:
+        return
+    with open(os.path.join(run["out_dir"], "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run["wandb"] is not None:
+        run["wandb"].log({f"{record['stage']}/{k}": v for k, v in record.items()
+                          if isinstance(v, (int, float)) and k != "step"}, step=record["step"])
+    if line:
+        tqdm.write(line)
+
+
+def average_across_ranks(metrics):
+    if not dist.is_initialized():
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, float))
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {**metrics, **{k: v / dist.get_world_size() for k, v in zip(keys, values.tolist())}}
+
+
+def main(argv):
+    cfg = parse_config(argv)
+    rank, world = setup_distributed(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg)
+    autocast, dtype = pick_autocast(cfg, device)
+    prepare_out_dir(cfg, rank)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has checked and prepared the run folder
+    task = importlib.import_module(f"data.{cfg.task}")
+    sft_player = cfg.sft_player or task.DEFAULT_PLAYER
+    if sft_player not in task.reference_players():
+        raise SystemExit(f"error: --sft_player={sft_player!r} is not one of {', '.join(task.reference_players())}")
+    enc = task.tokenizer()
+    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model, model_config = build_model(cfg, enc.n_vocab)
+    if cfg.init_from == "scratch" and hasattr(task, "init_embeddings"):
+        task.init_embeddings(model.transformer.wte.weight, enc)  # a task may seed structure into its tokens
+    model.to(device)
+    if cfg.compile:
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)  # state_dict keys stay unprefixed
+    rng = random.Random(cfg.seed + 1000 * rank)  # each rank draws its own data
+    generator = torch.Generator(device).manual_seed(cfg.seed + 1000 * rank)
+    optimizer = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    stage, step = "sft", 0
+    if cfg.resume:
+        stage, step = load_checkpoint(ckpt_path, model, optimizer, rng, generator)
+        if rank == 0:
+            truncate_logs(cfg.out_dir, stage, step)
+            print(f"resumed {cfg.out_dir} at {stage} step {step}")
+        step += 1
+    resumed_in_grpo = cfg.resume and stage == "grpo"
+    run = {"rank": rank, "out_dir": cfg.out_dir, "wandb": None}
+    if cfg.wandb and rank == 0:
+        import wandb  # optional, never required
+        run["wandb"] = wandb.init(project="nanogrpo", config=dataclasses.asdict(cfg), resume="allow")
+    if rank == 0:
+        print(f"task {cfg.task} | device {device} ({dtype}) x{world} | {model.num_params() / 1e6:.2f}M parameters "
+              f"+ {model.transformer.wte.weight.numel() / 1e6:.2f}M embedding | vocab {enc.n_vocab}")
+
+    def checkpoint(stage_, step_):
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, optimizer, model_config, cfg, stage_, step_, rng, generator)
+
+    # ---- Stage 1: warm start ------------------------------------------------------------------------------------
+    if stage == "sft" and cfg.sft_steps > 0:
+        t0 = time.time()
+        bar = tqdm(range(step, cfg.sft_steps), desc="warm start", disable=rank != 0, initial=step,
+                   total=cfg.sft_steps)
+        for step in bar:
+            pairs = task.demonstrations(cfg.sft_batch_size // world, rng, sft_player)
+            tokens, valid, start, mask = sft_batch(pairs, enc, device)
+            lr = sft_lr(step, cfg.sft_steps, cfg.sft_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            with autocast:
+                logp = token_logprobs(model, tokens, start, valid=valid)
+            loss = -(logp * mask).sum() / mask.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grpo.average_gradients_across_ranks(model)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            record = average_across_ranks({"loss": loss.item(), "lr": lr})
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            log(run, {"stage": "sft", "step": step, **record, "time_s": time.time() - t0})
+            if (step + 1) % cfg.checkpoint_interval == 0 or step == cfg.sft_steps - 1:
+                checkpoint("sft", step)
+        bar.close()
+        stage, step = "grpo", 0
+    elif stage == "sft":
+        stage, step = "grpo", 0
+
+    # ---- Stage 2: GRPO ---------------------------------------------------------------------------------------------
+    evals = {}
+    warm_path = os.path.join(cfg.out_dir, "warm_start.pt")
+    if not resumed_in_grpo:
+        if rank == 0:  # the model as stage 1 left it: the KL reference, and for comparisons later
+            torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model_config)},
+                       warm_path + ".tmp")
+            os.replace(warm_path + ".tmp", warm_path)
+        evals["warm start"] = evaluate_and_log(run, model, enc, task, cfg, autocast, step=0)
+        checkpoint("grpo", -1)  # so a resume from here does not redo stage 1
+    reference = None
+    if cfg.beta > 0:  # the frozen warm-start policy; with beta = 0 no second model exists at all
+        reference = GPT(model_config).to(device).eval().requires_grad_(False)
+        load_state_dict_checked(reference, torch.load(warm_path, map_location="cpu", weights_only=True)["model"],
+                                source=warm_path)
+    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
+    reward_fns, default_weights = task.reward_functions()
+    if weights is not None and len(weights) != len(reward_fns):
+        raise SystemExit(f"error: --reward_weights has {len(weights)} values for {len(reward_fns)} rewards "
+                         f"({', '.join(f.__name__ for f in reward_fns)})")
+    grpo_config = grpo.GRPOConfig(
+        group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_k=cfg.top_k or None, stop_token=end, pad_token=pad, scale_rewards=cfg.scale_rewards,
+        eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
+        importance_level=cfg.importance_level, num_iterations=cfg.num_iterations,
+        minibatch_size=cfg.minibatch_size or None, max_grad_norm=cfg.max_grad_norm,
+        reward_weights=tuple(weights or default_weights), dynamic_sampling=cfg.dynamic_sampling,
+        overlong_buffer=cfg.overlong_buffer, mask_truncated=cfg.mask_truncated)
+    prompts_here = max(1, cfg.prompts_per_step // world)
+
+    def draw(n):
+        examples = task.training_examples(n, rng)
+        return [enc.encode(task.prompt(ex), allowed_special="all") for ex in examples], examples
+
+    t0 = time.time()
+    for step in range(max(step, 0), cfg.grpo_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / 5)
+        prompts, examples = draw(prompts_here)
+        try:
+            metrics = grpo.grpo_step(model, optimizer, prompts, examples, reward_fns, grpo_config,
+                                     reference=reference, generator=generator, decode=enc.decode, refill=draw,
+                                     autocast=autocast)
+        except FloatingPointError as e:  # raised before the optimizer step: the weights are still good
+            raise SystemExit(f"error: stopped at GRPO step {step}: {e}. The last good checkpoint is {ckpt_path}")
+        metrics = average_across_ranks(metrics)
+        log(run, {"stage": "grpo", "step": step, **metrics, "time_s": time.time() - t0},
+            f"step {step:4d} | reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f} | "
+            f"zero-std {metrics['zero_std_frac']:.2f} | clip {metrics.get('clip_low_frac', 0) + metrics.get('clip_high_frac', 0):.3f} | "
+            f"kl {metrics.get('kl', 0):.4f} | ent {metrics.get('entropy', 0):.2f} | len {metrics['completion_len']:.1f} | "
+            f"{metrics['time_sample_s'] + metrics['time_learn_s']:.2f} s")
+        if (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.grpo_steps:
+            evaluate_and_log(run, model, enc, task, cfg, autocast, step=step + 1)
+        if (step + 1) % cfg.checkpoint_interval == 0 or step == cfg.grpo_steps - 1:
+            checkpoint("grpo", step)
+
+    # ---- Final table ------------------------------------------------------------------------------------------------
+    if "warm start" not in evals:
+        evals["warm start"] = previous_eval(cfg.out_dir, step=0)
+    evals["GRPO"] = evaluate_and_log(run, model, enc, task, cfg, autocast, step=cfg.grpo_steps)
+    if rank == 0:
+        if cfg.reference_players:
+            for name, player in task.reference_players(random.Random(cfg.seed)).items():
+                evals[f"player: {name}"] = task.evaluate(player, cfg.eval_games)
+        table = {name: {k: v for k, v in r.items() if k != "transcripts"} for name, r in evals.items() if r}
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        print_table(table, task.HEADLINE)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return evals
+
+
+def evaluate_and_log(run, model, enc, task, cfg, autocast, step):
+    result = evaluate_model(model, enc, task, cfg, autocast) if run["rank"] == 0 else None
+    if run["rank"] == 0:
+        summary = {k: v for k, v in result.items() if k != "transcripts"}
+        log(run, {"stage": "eval", "step": step, **summary},
+            f"eval @ {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
+        with open(os.path.join(cfg.out_dir, "samples.jsonl"), "a") as f:
+            f.write(json.dumps({"stage": "samples", "step": step, "transcripts": result.get("transcripts", [])}) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def previous_eval(out_dir, step):
+    """The logged evaluation at a step (a resumed run evaluated its warm start before it was killed)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        found = [json.loads(line) for line in f if line.strip()]
+    found = [r for r in found if r["stage"] == "eval" and r["step"] == step]
+    return {k: v for k, v in found[-1].items() if k not in ("stage", "step")} if found else None
+
+
+def print_table(table, headline):
+    keys = list(headline) + sorted({k for r in table.values() for k in r} - set(headline) - {"games"})
+    width = max(len(n) for n in table)
+    print("\n" + f"{'':<{width}}  " + "  ".join(f"{k:>15}" for k in keys))
+    for name, r in table.items():
+        cells = [f"{r[k]:>15.3f}" if isinstance(r.get(k), float) else f"{'-':>15}" for k in keys]
+        print(f"{name:<{width}}  " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
