@@ -252,6 +252,56 @@ def cat_samples(parts):
                    torch.cat([s.truncated for s in parts]))
 
 
+def has_spread(rewards, group_size):
+    """(P,) bool: the group's rewards are not all equal, so its advantages are not all 0."""
+    if group_size == 1:
+        return torch.zeros(len(rewards), dtype=torch.bool, device=rewards.device)
+    return rewards.view(-1, group_size).std(1) > 0
+
+
+def keep_groups_with_spread(samples, rewards, wanted, policy, reward_fns, config, generator, decode, refill):
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal (they have no gradient) and sample
+    groups for new prompts from refill(n) until `wanted` groups are kept or max_sampling_rounds is reached.
+    Returns (samples, rewards, rounds); samples is None when no group was kept."""
+    G = config.group_size
+    parts, kept, rounds = [], [], 1
+    while True:
+        rows = has_spread(rewards, G).repeat_interleave(G)
+        if rows.any():
+            parts.append(subset(samples, rows))
+            kept.append(rewards[rows])
+        have = sum(len(r) for r in kept) // G
+        if have >= wanted or rounds >= config.max_sampling_rounds or refill is None:
+            break
+        prompts, examples = refill(wanted - have)
+        samples, rewards, _, _ = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
+        rounds += 1
+    if not parts:
+        return None, None, rounds
+    samples, rewards = cat_samples(parts), torch.cat(kept)
+    rows = torch.arange(len(rewards), device=rewards.device) < wanted * G  # a last round may overshoot
+    return subset(samples, rows), rewards[rows], rounds
+
+
+def subset(samples, rows):
+    """The rows of a Samples selected by a bool mask (N,)."""
+    return Samples(samples.tokens[rows], samples.valid[rows], samples.prompt_len, samples.completion_mask[rows],
+                   samples.truncated[rows])
+
+
+def average_gradients_across_ranks(model):
+    """Plain DDP by hand: the mean gradient over processes (each rank sampled its own prompts)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, reference=None, generator=None,
               decode=None, refill=None, autocast=None):
     """One GRPO iteration: sample -> score -> advantages -> (old and reference log-probs) -> num_iterations
@@ -349,53 +399,3 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
                    optimizer_steps=float(len(history)),
                    time_sample_s=t1 - t0, time_learn_s=t2 - t1)
     return metrics
-
-
-def has_spread(rewards, group_size):
-    """(P,) bool: the group's rewards are not all equal, so its advantages are not all 0."""
-    if group_size == 1:
-        return torch.zeros(len(rewards), dtype=torch.bool, device=rewards.device)
-    return rewards.view(-1, group_size).std(1) > 0
-
-
-def keep_groups_with_spread(samples, rewards, wanted, policy, reward_fns, config, generator, decode, refill):
-    """DAPO's dynamic sampling: drop groups whose rewards are all equal (they have no gradient) and sample
-    groups for new prompts from refill(n) until `wanted` groups are kept or max_sampling_rounds is reached.
-    Returns (samples, rewards, rounds); samples is None when no group was kept."""
-    G = config.group_size
-    parts, kept, rounds = [], [], 1
-    while True:
-        rows = has_spread(rewards, G).repeat_interleave(G)
-        if rows.any():
-            parts.append(subset(samples, rows))
-            kept.append(rewards[rows])
-        have = sum(len(r) for r in kept) // G
-        if have >= wanted or rounds >= config.max_sampling_rounds or refill is None:
-            break
-        prompts, examples = refill(wanted - have)
-        samples, rewards, _, _ = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
-        rounds += 1
-    if not parts:
-        return None, None, rounds
-    samples, rewards = cat_samples(parts), torch.cat(kept)
-    rows = torch.arange(len(rewards), device=rewards.device) < wanted * G  # a last round may overshoot
-    return subset(samples, rows), rewards[rows], rounds
-
-
-def subset(samples, rows):
-    """The rows of a Samples selected by a bool mask (N,)."""
-    return Samples(samples.tokens[rows], samples.valid[rows], samples.prompt_len, samples.completion_mask[rows],
-                   samples.truncated[rows])
-
-
-def average_gradients_across_ranks(model):
-    """Plain DDP by hand: the mean gradient over processes (each rank sampled its own prompts)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world

@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
     eps_low: float = opt(0.2, "clip range below 1")
     eps_high: float = opt(0.2, "clip range above 1 (0.28 = DAPO clip-higher)")
-    beta: float = opt(0.0, "KL penalty to the warm-start model; 0 keeps no reference model")
+    beta: float = opt(0.04, "KL penalty to the warm-start model (DeepSeekMath's 0.04); 0 keeps no reference model")
     loss_type: str = opt("grpo", "grpo, dapo or dr_grpo: how token terms are averaged")
     scale_rewards: str = opt("group", "group, batch or none (Dr. GRPO): advantage scaling")
     importance_level: str = opt("token", "token, or sequence (GSPO)")
@@ -466,7 +466,10 @@ def main(argv):
         reference = GPT(model_config).to(device).eval().requires_grad_(False)
         load_state_dict_checked(reference, torch.load(warm_path, map_location="cpu", weights_only=True)["model"],
                                 source=warm_path)
-    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
+    try:
+        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
+    except ValueError:
+        raise SystemExit(f"error: --reward_weights={cfg.reward_weights!r} is not comma-separated numbers") from None
     reward_fns, default_weights = task.reward_functions()
     if weights is not None and len(weights) != len(reward_fns):
         raise SystemExit(f"error: --reward_weights has {len(weights)} values for {len(reward_fns)} rewards "

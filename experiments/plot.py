@@ -45,9 +45,12 @@ def curves(out_png, runs):
         ax1.plot([r["step"] for r in grpo], smooth([r["reward_mean"] for r in grpo]), label=label)
         evals = [r for r in records if r["stage"] == "eval"]
         key = "exact_rate" if "exact_rate" in evals[0] else "win_rate"
-        ax2.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=label)
+        line, = ax2.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=f"{label} greedy")
+        if f"sampled_{key}" in evals[0]:
+            ax2.plot([r["step"] for r in evals], [r[f"sampled_{key}"] for r in evals], marker="x", linestyle="--",
+                     color=line.get_color(), label=f"{label} sampled (T=1)")
     ax1.set(title="GRPO reward (mean of the batch, 20-step average)", xlabel="GRPO step", ylabel="reward")
-    ax2.set(title=f"held-out {key} (greedy)", xlabel="GRPO step", ylabel=key)
+    ax2.set(title=f"held-out {key}: greedy (solid), sampled (dashed)", xlabel="GRPO step", ylabel=key)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
