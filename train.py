@@ -192,21 +192,23 @@ def pick_autocast(cfg, device):
 
 
 def prepare_out_dir(cfg, rank):
-    """Refuse to mix two runs in one folder: an existing run needs --resume (same run) or --overwrite."""
+    """Refuse to mix two runs in one folder: an existing run needs --resume (same run) or --overwrite.
+    Rank 0 alone checks and writes; the others wait at a barrier (checking too would race with its writes)."""
+    if rank != 0:
+        return
     has_run = os.path.exists(os.path.join(cfg.out_dir, "config.json"))
     if has_run and not (cfg.resume or cfg.overwrite):
         raise SystemExit(f"error: {cfg.out_dir} already holds a run; pass --resume to continue it or "
                          f"--overwrite to replace it (or choose another --out_dir)")
     if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
         raise SystemExit(f"error: --resume but {cfg.out_dir} has no ckpt.pt")
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if cfg.overwrite and not cfg.resume:
-            for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt"):
-                if os.path.exists(os.path.join(cfg.out_dir, name)):
-                    os.remove(os.path.join(cfg.out_dir, name))
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "warm_start.pt"):
+            if os.path.exists(os.path.join(cfg.out_dir, name)):
+                os.remove(os.path.join(cfg.out_dir, name))
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
 
 
 def build_model(cfg, vocab_size):
