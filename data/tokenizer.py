@@ -21,6 +21,7 @@ import os
 import re
 
 import tiktoken
+import tiktoken.load
 
 # Like GPT-2's pre-tokenizer, with ASCII classes spelled out so Python's `re` (the trainer) and tiktoken's
 # regex engine split every string identically. Digits stand alone, so numbers tokenize digit by digit, and
@@ -152,7 +153,7 @@ def load_encoding(path, name=None):
 # GPT-2's encoding, offline
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT2_FILES = {  # where tiktoken's get_encoding("gpt2") fetches from; its cache names files by their sha1
+GPT2_FILES = {  # where tiktoken fetches GPT-2's files from; its cache names each file by the sha1 of its URL
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
 }
@@ -176,9 +177,13 @@ def gpt2_encoding(path=None):
                                 f"offline; copy them from the checkpoint's source next to config.json")
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
         os.path.join(os.environ.get("TMPDIR", "/tmp"), "data-gym-cache")
-    missing = [name for name, url in GPT2_FILES.items()
-               if not os.path.isfile(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))]
+    files = {name: os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()) for name, url in GPT2_FILES.items()}
+    missing = [name for name, file in files.items() if not os.path.isfile(file)]
     if missing:
         raise FileNotFoundError(f"GPT-2's tokenizer is not in tiktoken's cache {cache} (missing {missing}) and "
                                 f"there is no network: pass the checkpoint directory holding vocab.json")
-    return tiktoken.get_encoding("gpt2")  # served from the cache checked above
+    # Read the cached files by path: tiktoken.get_encoding would try to download whatever it cannot find.
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=files["vocab.bpe"],
+                                                          encoder_json_file=files["encoder.json"])
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)}, explicit_n_vocab=len(ranks) + 1)

@@ -135,3 +135,26 @@ def test_gpt2_encoding_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not in tiktoken's cache"):
         gpt2_encoding()
+
+
+def test_gpt2_encoding_from_tiktokens_cache_without_network(trained, tmp_path, monkeypatch):
+    """A miniature cache in tiktoken's data-gym format (vocab.bpe + encoder.json, named by URL sha1), whose byte
+    order tiktoken checks against encoder.json: the encoding is built from it, with no download."""
+    import hashlib
+    from data.tokenizer import GPT2_FILES, BYTE_TO_CHAR
+    merges, _ = trained
+    byte_order = [b for b in range(2 ** 8) if chr(b).isprintable() and chr(b) != " "]
+    byte_order += [b for b in range(2 ** 8) if b not in byte_order]  # data gym's rank order of the 256 bytes
+    encoder = {BYTE_TO_CHAR[b]: i for i, b in enumerate(byte_order)}
+    for left, right in merges:
+        encoder.setdefault(to_readable(left + right), len(encoder))
+    encoder["<|endoftext|>"] = len(encoder)
+    names = {name: hashlib.sha1(url.encode()).hexdigest() for name, url in GPT2_FILES.items()}
+    (tmp_path / names["encoder.json"]).write_text(json.dumps(encoder), encoding="utf-8")
+    save_merges(str(tmp_path / names["vocab.bpe"]), merges)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    enc = gpt2_encoding()
+    assert enc.n_vocab == len(encoder)
+    text = "abc defg 123 hij"
+    assert enc.decode(enc.encode(text)) == text
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [len(encoder) - 1]
