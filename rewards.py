@@ -93,7 +93,8 @@ def candidates(history, answers):
 def wordle_format(completion, example):
     """Lesson 8's format reward: 1.0 for a tagged guess that is an allowed word, 0.5 for five letters that are
     not in the list, 0.1 for a tagged guess of the wrong length, 0.0 when no guess parses.
-        "<guess>crane</guess>" -> 1.0;  "<guess>zzzzz</guess>" -> 0.5;  "<guess>cranes</guess>" -> 0.1;  "crane" -> 0.0"""
+        "<guess>crane</guess>" -> 1.0;  "<guess>zzzzz</guess>" -> 0.5;  "<guess>cranes</guess>" -> 0.1
+        "crane" -> 0.0"""
     guess = parse_guess(completion)
     if guess is None:
         return 0.0

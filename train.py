@@ -502,11 +502,12 @@ def main(argv):
         except FloatingPointError as e:  # raised before the optimizer step: the weights are still good
             raise SystemExit(f"error: stopped at GRPO step {step}: {e}. The last good checkpoint is {ckpt_path}")
         metrics = average_across_ranks(metrics)
-        log(run, {"stage": "grpo", "step": step, **metrics, "time_s": time.time() - t0},
-            f"step {step:4d} | reward {metrics['reward_mean']:.3f} ± {metrics['reward_std']:.3f} | "
-            f"zero-std {metrics['zero_std_frac']:.2f} | clip {metrics.get('clip_low_frac', 0) + metrics.get('clip_high_frac', 0):.3f} | "
-            f"kl {metrics.get('kl', 0):.4f} | ent {metrics.get('entropy', 0):.2f} | len {metrics['completion_len']:.1f} | "
-            f"{metrics['time_sample_s'] + metrics['time_learn_s']:.2f} s")
+        m = metrics
+        log(run, {"stage": "grpo", "step": step, **m, "time_s": time.time() - t0},
+            f"step {step:4d} | reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f} | "
+            f"zero-std {m['zero_std_frac']:.2f} | clip {m.get('clip_low_frac', 0) + m.get('clip_high_frac', 0):.3f} | "
+            f"kl {m.get('kl', 0):.4f} | ent {m.get('entropy', 0):.2f} | len {m['completion_len']:.1f} | "
+            f"{m['time_sample_s'] + m['time_learn_s']:.2f} s")
         if (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.grpo_steps:
             evaluate_and_log(run, model, enc, task, cfg, autocast, step=step + 1)
         if (step + 1) % cfg.checkpoint_interval == 0 or step == cfg.grpo_steps - 1:

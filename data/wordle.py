@@ -42,7 +42,7 @@ import torch
 
 from data.tokenizer import load_encoding, save_merges, train_bpe
 from rewards import (parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
-                     wordle_format, wordle_info_gain, wordle_partial_credit, wordle_win)
+                     wordle_format, wordle_info_gain, wordle_win)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
 MAX_TURNS = 6

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, load_state_dict_checked, pad_left, read_safetensors, sample, \
+from model import GPT, KVCache, load_state_dict_checked, pad_left, read_safetensors, sample, \
     token_logprobs
 from tests.helpers import tiny_gpt, write_safetensors
 
