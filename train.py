@@ -42,7 +42,7 @@ class TrainConfig:
     out_dir: str = opt("runs/default", "run folder")
     resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
     overwrite: bool = opt(False, "replace a finished or different run in out_dir")
-    init_from: str = opt("scratch", "scratch, a checkpoint file of ours (.pt), or a local GPT-2 directory")
+    init_from: str = opt("scratch", "scratch, or a checkpoint file of ours (.pt); GPT-2 directories: see README")
     seed: int = opt(1337, "seed of the run (model init, data, sampling)")
     device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, mps")
     dtype: str = opt("auto", "auto (bfloat16 on cuda, else float32), float32, bfloat16: autocast dtype")
@@ -218,11 +218,12 @@ def build_model(cfg, vocab_size):
                            n_head=cfg.n_head, n_embd=cfg.n_embd)
         return GPT(config), config
     if os.path.isdir(cfg.init_from):
-        model = GPT.from_pretrained(cfg.init_from)
-        if model.config.vocab_size < vocab_size:
-            raise SystemExit(f"error: {cfg.init_from} has a vocabulary of {model.config.vocab_size}, the task's "
-                             f"tokenizer needs {vocab_size}")
-        return model, model.config
+        # GPT-2's weights mean GPT-2's token ids; our tasks ship their own tokenizers, whose ids mean other
+        # things. Training one with the other would run and be silently wrong, so refuse until a task speaks
+        # GPT-2's tokenizer (data.tokenizer.gpt2_encoding).
+        raise SystemExit(f"error: --init_from={cfg.init_from} is a GPT-2 directory, but task {cfg.task!r} uses its "
+                         f"own tokenizer of {vocab_size} tokens, not GPT-2's; load it with GPT.from_pretrained "
+                         f"in your own script for now")
     ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
     config = config_from_dict(ckpt["model_config"])
     if config.vocab_size != vocab_size:

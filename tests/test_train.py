@@ -133,3 +133,11 @@ def test_two_processes_with_torchrun(tmp_path):
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records if r["stage"] == "grpo"] == [0, 1, 2]  # written once, by rank 0
     assert "x2" in result.stdout
+
+
+def test_a_gpt2_directory_is_refused_rather_than_trained_with_the_wrong_tokenizer(tmp_path):
+    from tests.helpers import tiny_gpt
+    from tests.test_model import write_hf_checkpoint
+    write_hf_checkpoint(tiny_gpt(dtype=torch.float32), tmp_path / "gpt2")
+    with pytest.raises(SystemExit, match="uses its own tokenizer"):
+        train.main(TINY + [f"--out_dir={tmp_path / 'run'}", f"--init_from={tmp_path / 'gpt2'}"])
