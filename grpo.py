@@ -218,22 +218,18 @@ def reward_names(reward_fns):
 
 
 def rollout(policy, prompts, examples, reward_fns, config, generator, decode):
-    """Sample a group per prompt and score it. Returns (samples, total rewards (N,), per-function (N, F),
-    the examples repeated per row)."""
+    """Sample a group per prompt and score it. Returns (samples, total rewards (N,), per-function rewards (N, F))."""
     samples = sample(policy, prompts, max_new_tokens=config.max_new_tokens, group_size=config.group_size,
                      temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                      stop_token=config.stop_token, pad_token=config.pad_token, generator=generator)
     row_examples = [ex for ex in examples for _ in range(config.group_size)]
-    texts = []
-    for row, mask in zip(samples.completion.tolist(), samples.completion_mask.tolist()):
-        kept = [t for t, m in zip(row, mask) if m and t != config.stop_token]
-        texts.append(decode(kept))
+    texts = [decode(tokens) for tokens in samples.completion_tokens(config.stop_token)]
     total, table = score(texts, row_examples, reward_fns, config.reward_weights)
     total = total.to(samples.tokens.device)
     if config.overlong_buffer > 0:
         lengths = samples.completion_mask.sum(1)
         total = total + overlong_penalty(lengths, config.max_new_tokens, config.overlong_buffer)
-    return samples, total, table, texts
+    return samples, total, table
 
 
 def cat_samples(parts):
@@ -274,7 +270,7 @@ def keep_groups_with_spread(samples, rewards, wanted, policy, reward_fns, config
         if have >= wanted or rounds >= config.max_sampling_rounds or refill is None:
             break
         prompts, examples = refill(wanted - have)
-        samples, rewards, _, _ = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
+        samples, rewards, _ = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
         rounds += 1
     if not parts:
         return None, None, rounds
@@ -322,7 +318,7 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
     # 1. Rollout: groups of completions from the current policy (= pi_old), and their rewards.
     policy.eval()
     with autocast:
-        samples, rewards, table, _ = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
+        samples, rewards, table = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
     metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0}
     for name, column in zip(reward_names(reward_fns), table.T):
         metrics[f"reward_{name}"] = column.mean().item()

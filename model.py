@@ -200,6 +200,11 @@ class Samples:
     def completion(self):  # (N, C)
         return self.tokens[:, self.prompt_len:]
 
+    def completion_tokens(self, stop_token=None):
+        """Each row's generated tokens as a list, without padding and without the stop token: what to decode."""
+        return [[t for t, m in zip(row, mask) if m and t != stop_token]
+                for row, mask in zip(self.completion.tolist(), self.completion_mask.tolist())]
+
 
 def pad_left(prompts, pad_token, device):
     """Token lists -> (P, T) left-padded tokens and (P, T) bool valid mask."""
@@ -263,14 +268,13 @@ def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top
         valid = valid.repeat_interleave(group_size, 0)
     N = tokens.size(0)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    new_tokens, new_mask = [], []
+    new_mask = []
     for step in range(max_new_tokens):
         if not use_cache:
             logits = model(tokens, valid=valid)[0][:, -1]
         next_token = pick_next(logits, temperature, top_k, top_p, generator)
         new_mask.append(~done)
         next_token = next_token.masked_fill(done, pad_token)  # after its stop token a row only pads
-        new_tokens.append(next_token)
         if stop_token is not None:
             done = done | (next_token == stop_token)
         tokens = torch.cat([tokens, next_token[:, None]], 1)
@@ -294,20 +298,23 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     """logp[n] = (h[n] @ W.T / temperature)[target[n]] - logsumexp(h[n] @ W.T / temperature), over row chunks.
 
     The backward recomputes each chunk's logits instead of saving them: memory is O(chunk * V), not O(N * V).
-    d logp / d logits = (onehot(target) - softmax(logits)) / temperature. Entropy rides along, without grad."""
+    d logp / d logits = (onehot(target) - softmax(logits)) / temperature. Entropy rides along when asked
+    for (one more pass over each chunk), without grad; otherwise an empty tensor comes back in its place."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, temperature, chunk):  # h: (N, C), weight: (V, C), target: (N,)
+    def forward(ctx, h, weight, target, temperature, chunk, with_entropy):  # h (N, C), weight (V, C), target (N,)
         w = weight.to(h.dtype)
         acc = torch.promote_types(h.dtype, torch.float32)  # float32 softmax even under bf16 autocast
         logp = torch.empty(h.size(0), device=h.device, dtype=acc)
-        entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
         for i in range(0, h.size(0), chunk):
             logits = (h[i:i + chunk] @ w.t()).to(acc) / temperature  # (chunk, V)
             lse[i:i + chunk] = logits.logsumexp(-1)
             logp[i:i + chunk] = logits.gather(1, target[i:i + chunk, None]).squeeze(1) - lse[i:i + chunk]
-            probs = (logits - lse[i:i + chunk, None]).exp_()
-            entropy[i:i + chunk] = lse[i:i + chunk] - (probs * logits).sum(-1)
+            if with_entropy:
+                probs = (logits - lse[i:i + chunk, None]).exp_()
+                entropy[i:i + chunk] = lse[i:i + chunk] - (probs * logits).sum(-1)
         ctx.save_for_backward(h, weight, target, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.mark_non_differentiable(entropy)
@@ -330,12 +337,13 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[i:i + chunk] = (grad_logits.to(h.dtype) @ w).to(h.dtype)
             grad_w += grad_logits.t() @ hc.to(acc)
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
-def logprobs_from_hidden(h, weight, target, temperature=1.0, chunk_size=512):
-    """(logp, entropy) of targets (N,) under logits h (N, C) @ weight (V, C).T / temperature, chunked."""
-    return _ChunkedTokenLogprob.apply(h, weight, target, temperature, chunk_size)
+def logprobs_from_hidden(h, weight, target, temperature=1.0, chunk_size=512, with_entropy=False):
+    """(logp, entropy or None) of targets (N,) under logits h (N, C) @ weight (V, C).T / temperature, chunked."""
+    logp, entropy = _ChunkedTokenLogprob.apply(h, weight, target, temperature, chunk_size, with_entropy)
+    return logp, entropy if with_entropy else None
 
 
 def token_logprobs(model, tokens, start, *, valid=None, temperature=1.0, chunk_size=512, with_entropy=False):
@@ -349,9 +357,9 @@ def token_logprobs(model, tokens, start, *, valid=None, temperature=1.0, chunk_s
     h = model.hidden_states(tokens, valid)[:, start - 1:-1]  # (B, T - start, C): positions that predict
     target = tokens[:, start:]
     logp, entropy = logprobs_from_hidden(h.reshape(-1, h.size(-1)), model.lm_head.weight, target.reshape(-1),
-                                         temperature, chunk_size)
-    logp, entropy = logp.view(B, T - start), entropy.view(B, T - start)
-    return (logp, entropy) if with_entropy else logp
+                                         temperature, chunk_size, with_entropy)
+    logp = logp.view(B, T - start)
+    return (logp, entropy.view(B, T - start)) if with_entropy else logp
 
 
 # ----------------------------------------------------------------------------------------------------------------

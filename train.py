@@ -236,8 +236,9 @@ def build_model(cfg, vocab_size):
 
 def make_optimizer(model, lr, weight_decay):
     """AdamW; weight decay only on matrices (not biases, norms, or the position table)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wpe" not in n)]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "wpe" not in name else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
 
@@ -296,19 +297,18 @@ def truncate_logs(out_dir, stage, step):
 # Evaluation: the model as a task player (greedy, as it will be used)
 
 
-def model_player(model, enc, max_new_tokens, autocast, temperature=0.0, generator=None):
+def model_player(model, enc, task, max_new_tokens, autocast, temperature=0.0, generator=None):
     """The model as a task player: greedy by default (as it will be used), or sampled at a temperature."""
     end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
 
-    def play(examples, task):
+    def play(examples):
         prompts = [enc.encode(task.prompt(ex), allowed_special="all") for ex in examples]
         texts = []
         for i in range(0, len(prompts), 256):
             with autocast:
                 s = sample(model, prompts[i:i + 256], max_new_tokens=max_new_tokens, temperature=temperature,
                            stop_token=end, pad_token=pad, generator=generator)
-            for row, mask in zip(s.completion.tolist(), s.completion_mask.tolist()):
-                texts.append(enc.decode([t for t, m in zip(row, mask) if m and t != end]))
+            texts += [enc.decode(tokens) for tokens in s.completion_tokens(end)]
         return texts
     return play
 
@@ -320,11 +320,11 @@ def evaluate_model(model, enc, task, cfg, autocast):
     generator is untouched (a resumed run stays exact)."""
     model.eval()
     device = model.transformer.wte.weight.device
-    greedy = model_player(model, enc, cfg.max_new_tokens, autocast)
-    result = task.evaluate(lambda examples: greedy(examples, task), cfg.eval_games, keep_games=cfg.log_samples)
-    sampled = model_player(model, enc, cfg.max_new_tokens, autocast, temperature=1.0,
+    greedy = model_player(model, enc, task, cfg.max_new_tokens, autocast)
+    result = task.evaluate(greedy, cfg.eval_games, keep_games=cfg.log_samples)
+    sampled = model_player(model, enc, task, cfg.max_new_tokens, autocast, temperature=1.0,
                            generator=torch.Generator(device).manual_seed(cfg.seed))
-    for key, value in task.evaluate(lambda examples: sampled(examples, task), cfg.eval_games).items():
+    for key, value in task.evaluate(sampled, cfg.eval_games).items():
         if key in task.HEADLINE:
             result[f"sampled_{key}"] = value
     return result
@@ -450,8 +450,7 @@ def main(argv):
             if (step + 1) % cfg.checkpoint_interval == 0 or step == cfg.sft_steps - 1:
                 checkpoint("sft", step)
         bar.close()
-        stage, step = "grpo", 0
-    elif stage == "sft":
+    if stage == "sft":  # stage 1 is done (or has no steps)
         stage, step = "grpo", 0
 
     # ---- Stage 2: GRPO ---------------------------------------------------------------------------------------------

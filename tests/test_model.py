@@ -75,6 +75,9 @@ def test_stop_token_ends_a_row_and_masks_everything_after_it():
             assert mask[:first + 1].all() and not mask[first + 1:].any()  # the stop token itself counts
             assert (row[first + 1:] == 0).all()
     assert stopped > 0
+    for row, mask, kept in zip(s.completion.tolist(), s.completion_mask.tolist(), s.completion_tokens(stop)):
+        assert kept == [t for t, m in zip(row, mask) if m][:len(kept)] and stop not in kept
+        assert len(kept) == sum(mask) - (stop in row)
 
 
 def test_greedy_sampling_is_the_argmax_of_the_forward_pass():
@@ -113,6 +116,9 @@ def test_chunked_logprobs_match_naive_values_and_gradients(chunk_size):
         (logp * weights).sum().backward()
         results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
     (lp1, ent1, g1), (lp2, ent2, g2) = results
+    without_entropy = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
+                                     chunk_size=chunk_size)
+    assert torch.equal(without_entropy.detach(), lp1)  # skipping the entropy pass changes no log-prob
     torch.testing.assert_close(lp1, lp2, rtol=0, atol=1e-5)
     torch.testing.assert_close(ent1, ent2, rtol=0, atol=1e-5)
     for a, b in zip(g1, g2):
