@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import Samples, sample, token_logprobs
+from model import Samples, adapters_off, sample, token_logprobs
 
 SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
@@ -187,6 +187,7 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low=0.2, e
 
 def score(completions, examples, reward_fns, weights=None):
     """Run every reward function on every completion. Returns (total (N,), per-function (N, F)).
+    A function with `fn.batched = True` takes (completions, examples) and returns one value per completion.
     A reward function that raises, or returns NaN, inf or a non-number, stops the run with its name and the
     completion: a silently wrong reward trains a silently wrong model."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
@@ -195,9 +196,17 @@ def score(completions, examples, reward_fns, weights=None):
     table = torch.zeros(len(completions), len(reward_fns), dtype=torch.float64)
     for j, fn in enumerate(reward_fns):
         name = getattr(fn, "__name__", repr(fn))
+        if getattr(fn, "batched", False):  # e.g. an LLM judge: one call grades the whole batch
+            try:
+                values = list(fn(completions, examples))
+            except Exception as e:
+                raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+            if len(values) != len(completions):
+                raise ValueError(f"reward function {name} returned {len(values)} values for "
+                                 f"{len(completions)} completions")
         for i, (completion, example) in enumerate(zip(completions, examples)):
             try:
-                value = fn(completion, example)
+                value = values[i] if getattr(fn, "batched", False) else fn(completion, example)
             except Exception as e:
                 raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e} "
                                    f"on completion {completion!r}") from e
@@ -305,9 +314,13 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
 
     prompts: list of token lists; examples: one task example per prompt, handed to the reward functions as
     `reward(completion_text, example)`; decode: token list -> completion text. refill(n) -> (prompts, examples)
-    supplies more prompts for dynamic sampling. Under torch.distributed, gradients are averaged across ranks."""
+    supplies more prompts for dynamic sampling. Under torch.distributed, gradients are averaged across ranks.
+    reference: the frozen policy of the KL term (beta > 0), or `policy` itself for a LoRA policy (model.add_lora):
+    then the reference is the policy with its adapters switched off."""
     if config.beta > 0 and reference is None:
         raise ValueError("beta > 0 needs a reference model (a frozen copy of the starting policy)")
+    if config.beta > 0 and reference is policy and not policy.config.lora_rank:
+        raise ValueError("reference=policy means 'the policy with its LoRA adapters off', but it has none")
     if len(prompts) != len(examples):
         raise ValueError(f"{len(prompts)} prompts but {len(examples)} examples")
     decode = decode or (lambda tokens: tokens)
@@ -355,7 +368,9 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
         if steps_per_rollout > 1:
             old_logp = torch.cat([logprobs(policy, rows) for rows in minibatches])
         if config.beta > 0:
-            ref_logp = torch.cat([logprobs(reference, rows) for rows in minibatches])
+            # reference is policy: a LoRA policy whose reference is itself with the adapters off (no copy kept)
+            with adapters_off(policy) if reference is policy else contextlib.nullcontext():
+                ref_logp = torch.cat([logprobs(reference, rows) for rows in minibatches])
 
     # 4. num_iterations passes of clipped-ratio updates over minibatches of the rollout.
     policy.train()

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -28,12 +29,35 @@ import torch.nn.functional as F
 # The network
 
 
+class Linear(nn.Linear):
+    """nn.Linear with an optional low-rank adapter (LoRA, Hu et al. 2021): y = x W^T + b + (alpha / r) x A^T B^T.
+    A (r, in) starts random and B (out, r) at zero, so a new adapter changes nothing until it is trained; only
+    A and B train, W stays frozen. `adapter_on = False` computes the base layer alone: the reference policy."""
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_parameter("lora_A", None)  # no adapter until add_adapter
+        self.register_parameter("lora_B", None)
+        self.adapter_on = True
+
+    def add_adapter(self, rank, alpha):
+        self.lora_A = nn.Parameter(self.weight.new_empty(rank, self.in_features))
+        self.lora_B = nn.Parameter(self.weight.new_zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, and the LoRA paper's
+        self.lora_scale = alpha / rank
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_A is not None and self.adapter_on:
+            y = y + (x @ self.lora_A.t()) @ self.lora_B.t() * self.lora_scale
+        return y
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x, attn_mask, cache, layer):
         B, T, C = x.shape
@@ -60,8 +84,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
@@ -109,6 +133,9 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    lora_rank: int = 0  # > 0: low-rank adapters on the attention projections, base weights frozen (add_lora)
+    lora_alpha: float = 16.0  # adapter output scale alpha / rank
+    lora_mlp: bool = False  # adapters on the MLP projections too
 
 
 class GPT(nn.Module):
@@ -129,6 +156,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.lora_rank:
+            add_lora(self, config.lora_rank, config.lora_alpha, config.lora_mlp)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -182,6 +211,57 @@ class GPT(nn.Module):
     def from_pretrained(cls, path):
         """A GPT-2 from a local Hugging Face directory: config.json and model.safetensors or pytorch_model.bin."""
         return load_hf_gpt2(cls, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA: train a few low-rank matrices instead of the whole model (the course fine-tunes its policy so)
+
+
+def adapted_layers(model, mlp):
+    for block in model.transformer.h:
+        yield from (block.attn.c_attn, block.attn.c_proj)
+        if mlp:
+            yield from (block.mlp.c_fc, block.mlp.c_proj)
+
+
+def add_lora(model, rank, alpha=16.0, mlp=False):
+    """Freeze every weight of `model` and add rank-`rank` adapters to the attention projections (and the MLP's
+    with mlp=True). The config records it, so checkpoints rebuild the same model. Returns the model."""
+    width = model.config.n_embd
+    if not 1 <= rank <= width:
+        raise ValueError(f"lora_rank={rank} must be between 1 and the layer width n_embd={width}")
+    if any(layer.lora_A is not None for layer in adapted_layers(model, True)):
+        raise ValueError("the model already has LoRA adapters")
+    model.requires_grad_(False)
+    for layer in adapted_layers(model, mlp):
+        layer.add_adapter(rank, alpha)
+    model.config.lora_rank, model.config.lora_alpha, model.config.lora_mlp = rank, float(alpha), mlp
+    return model
+
+
+@contextmanager
+def adapters_off(model):
+    """Within the block the model computes without its adapters: the frozen base model, which is the KL
+    reference of a LoRA policy. No second copy of the weights is kept."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    for layer in layers:
+        layer.adapter_on = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapter_on = True
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold each adapter into its weight (W += alpha / r * B A) and remove it: a plain GPT that computes the
+    same function, for export or fast inference. Every weight trains again afterwards."""
+    for layer in (m for m in model.modules() if isinstance(m, Linear) and m.lora_A is not None):
+        layer.weight += layer.lora_scale * (layer.lora_B @ layer.lora_A).to(layer.weight.dtype)
+        layer.lora_A = layer.lora_B = None
+    model.config.lora_rank = 0
+    return model.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,7 +516,11 @@ def load_state_dict_checked(model, state, source="checkpoint"):
              for k in ours if k in state and state[k] is not None and state[k].shape != ours[k].shape]
     problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + wrong)
     if problems:
-        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]))
+        adapters = ({k for k in missing if ".lora_" in k}, {k for k in unexpected if ".lora_" in k})
+        hint = ("\n  (the model has LoRA adapters the checkpoint lacks)" if adapters[0] else "") + \
+            ("\n  (the checkpoint has LoRA adapters the model lacks: build it with the same lora_rank)"
+             if adapters[1] else "")
+        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]) + hint)
     model.load_state_dict(state)
 
 

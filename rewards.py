@@ -6,12 +6,19 @@ dict with the answer, the game so far and the word lists). Each function's docst
 same cases are a parametrized table in tests/test_rewards.py.
 
 Sections: generic helpers (length penalty, weighted combination), Wordle (the course's running example:
-format, use of feedback, information gain, win, partial credit), addition (the toy task for fast tests).
+format, use of feedback, information gain, win, partial credit), addition (the toy task for fast tests),
+Countdown (a safe arithmetic parser: model output is parsed, never eval'd), the quiz reward for summaries, and
+an LLM-as-judge reward (the only batched one: a judge model grades a whole batch in one forward pass).
 """
 
 import re
 from collections import Counter
+from fractions import Fraction
 from functools import lru_cache
+
+import torch
+
+from model import pad_left
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generic
@@ -216,3 +223,165 @@ def addition_digits(completion, example):
 def addition_exact(completion, example):
     """1.0 for exactly the sum (surrounding whitespace allowed), else 0.0."""
     return 1.0 if isinstance(completion, str) and completion.strip() == str(example["a"] + example["b"]) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Countdown: example = {"numbers": tuple of ints, "target": int}. The completion ends with
+# <answer>EXPRESSION</answer>, where EXPRESSION uses each number exactly once with + - * / and parentheses.
+#
+# The expression is model output, so it is parsed by the small recursive-descent parser below, never eval'd:
+# "__import__('os')" is not arithmetic, and "9**9**9" (no power operator here) is a syntax error, not an hour of
+# CPU. Work is bounded by the input, whatever it holds: at most MAX_EXPR_CHARS characters, numbers of at most
+# MAX_NUMBER_DIGITS ASCII digits (so no 5,000-digit integers and no unicode digits such as "٣"), parentheses
+# nested at most MAX_DEPTH deep; exact fractions, so 6/4*2 is exactly 3; dividing by zero makes it invalid.
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+EXPR_TOKEN_RE = re.compile(r"\s*(?:([0-9]+)|([-+*/()]))")
+MAX_EXPR_CHARS, MAX_NUMBER_DIGITS, MAX_DEPTH = 100, 4, 12
+
+
+def parse_answer(completion):
+    """The text inside the last <answer>...</answer>, or None.  "<answer>3+4</answer>" -> "3+4" """
+    if not isinstance(completion, str):
+        return None
+    found = ANSWER_RE.findall(completion[-(MAX_EXPR_CHARS + 200):])  # bounded work on huge strings
+    return found[-1] if found else None
+
+
+def evaluate_expression(text):
+    """(value as a Fraction, list of the numbers it uses) for an arithmetic expression, or None if the text is
+    not one (or breaks a bound, or divides by zero). Grammar: expr = term (("+"|"-") term)*;
+    term = factor (("*"|"/") factor)*; factor = NUMBER | "(" expr ")". No unary minus: Countdown combines the
+    given numbers, so every number in the text is one of them.
+        "(25+7)*3" -> (Fraction(96), [25, 7, 3]);  "6/4*2" -> (Fraction(3), [6, 4, 2]);  "1/(2-2)" -> None"""
+    if not isinstance(text, str) or len(text) > MAX_EXPR_CHARS:
+        return None
+    tokens, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = EXPR_TOKEN_RE.match(text, pos)
+        if not m or (m.group(1) and len(m.group(1)) > MAX_NUMBER_DIGITS):
+            return None
+        tokens.append(int(m.group(1)) if m.group(1) else m.group(2))
+        pos = m.end()
+    numbers, at = [], 0
+
+    def peek():
+        return tokens[at] if at < len(tokens) else None
+
+    def expr(depth):
+        nonlocal at
+        value = term(depth)
+        while peek() in ("+", "-"):
+            op, at = tokens[at], at + 1
+            rhs = term(depth)
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def term(depth):
+        nonlocal at
+        value = factor(depth)
+        while peek() in ("*", "/"):
+            op, at = tokens[at], at + 1
+            rhs = factor(depth)
+            if op == "/" and rhs == 0:
+                raise ZeroDivisionError
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def factor(depth):
+        nonlocal at
+        token = peek()
+        if isinstance(token, int):
+            at += 1
+            numbers.append(token)
+            return Fraction(token)
+        if token == "(" and depth < MAX_DEPTH:
+            at += 1
+            value = expr(depth + 1)
+            if peek() != ")":
+                raise SyntaxError
+            at += 1
+            return value
+        raise SyntaxError
+
+    try:
+        value = expr(0)
+    except (SyntaxError, ZeroDivisionError):
+        return None
+    return (value, numbers) if tokens and at == len(tokens) else None
+
+
+def countdown_format(completion, example):
+    """1.0 if the completion ends its answer with a well-formed arithmetic expression, else 0.0 (right or not).
+        "<answer>(3+4)*2</answer>" -> 1.0;  "<answer>3+</answer>" -> 0.0;  "14" -> 0.0"""
+    return 0.0 if evaluate_expression(parse_answer(completion)) is None else 1.0
+
+
+def countdown_correct(completion, example):
+    """1.0 if the answer uses each given number exactly once and equals the target, else 0.0.
+        numbers (3, 4, 2), target 14: "<answer>(3+4)*2</answer>" -> 1.0;  "<answer>3*4+2</answer>" -> 1.0
+        "<answer>7*2</answer>" -> 0.0 (7 is not given);  "<answer>(3+4)*2*1</answer>" -> 0.0 (1 is not given)"""
+    parsed = evaluate_expression(parse_answer(completion))
+    if parsed is None:
+        return 0.0
+    value, used = parsed
+    return 1.0 if value == example["target"] and sorted(used) == sorted(example["numbers"]) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summaries (lessons 5 and 6): example = {"facts": tuple of (name, attribute, value), "quiz": the facts asked}.
+# A document is a list of facts among filler lines; a good summary keeps the facts and drops the filler.
+
+
+def answer_question(summary, name, attribute):
+    """The reader: the word after `attribute` on a line that names `name` earlier, or None. It reads the
+    summary alone, as the course's quiz-taker does, and accepts any wording that keeps that order:
+        ("ana: pet = cat", "ana", "pet") -> "cat";  ("ana pet cat", "ana", "pet") -> "cat" """
+    pattern = rf"\b{re.escape(name)}\b[^\n]*?\b{re.escape(attribute)}\b\W+(\w+)"
+    found = re.search(pattern, summary)
+    return found.group(1) if found else None
+
+
+def quiz_reward(completion, example):
+    """The share of quiz questions (facts of the document) the reader answers right from the summary alone.
+    Nothing in it prefers short summaries: copying the whole document scores 1.0, which is the reward hack of
+    lesson 6 (add a length_penalty to cure it).
+        quiz [("ana", "pet", "cat"), ("bo", "city", "rome")]: "ana: pet = cat" -> 0.5"""
+    if not isinstance(completion, str) or not example["quiz"]:
+        return 0.0
+    text = completion[:2000]  # bounded work: a summary is short, and a long one cannot hide its tail here
+    return sum(answer_question(text, n, a) == v for n, a, v in example["quiz"]) / len(example["quiz"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLM as a judge (lesson 5): a judge model grades each completion from a rubric prompt.
+#
+# Asking the judge to write "Grade: 4" and parsing the text throws away what it knows: its next-token
+# probabilities over the grade tokens say how sure it is. The reward is the expected grade under those
+# probabilities, renormalized over the grade tokens only and scaled to [0, 1]: smooth, and never unparsable.
+
+
+def llm_judge(judge, encode, make_prompt, grade_tokens, batch_size=64, name="llm_judge"):
+    """A batched reward function: reward(completions, examples) -> list of floats in [0, 1].
+    judge: a GPT (ours, or GPT.from_pretrained); encode: text -> token ids in the judge's vocabulary;
+    make_prompt(completion, example) -> the rubric text, ending where the grade token comes next;
+    grade_tokens: the token ids of the grades, worst first (for example the ids of "1".."5").
+    Prompts longer than the judge's context keep their end, where the question is."""
+    grades = torch.linspace(0.0, 1.0, len(grade_tokens), dtype=torch.float64)
+    grade_ids = torch.tensor(grade_tokens)
+
+    @torch.no_grad()
+    def reward(completions, examples):
+        device = next(judge.parameters()).device
+        limit = judge.config.block_size
+        prompts = [encode(make_prompt(c, ex))[-limit:] for c, ex in zip(completions, examples)]
+        scores = []
+        for i in range(0, len(prompts), batch_size):
+            tokens, valid = pad_left(prompts[i:i + batch_size], 0, device)
+            logits, _ = judge(tokens, valid=valid)
+            last = logits[:, -1, grade_ids.to(device)].double()  # left padding: the last column is real
+            scores += (last.softmax(-1).cpu() @ grades).tolist()
+        return scores
+    reward.__name__, reward.batched = name, True
+    return reward

@@ -28,7 +28,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import grpo
-from model import GPT, GPTConfig, config_from_dict, load_state_dict_checked, pad_left, sample, token_logprobs
+from data.tokenizer import gpt2_task_encoding
+from model import (GPT, GPTConfig, add_lora, config_from_dict, load_state_dict_checked, merge_lora, pad_left,
+                   sample, token_logprobs)
 
 
 def opt(default, help):
@@ -38,11 +40,11 @@ def opt(default, help):
 @dataclass
 class TrainConfig:
     # task and run
-    task: str = opt("addition", "task module under data/: addition (the default run) or wordle")
+    task: str = opt("addition", "task module under data/: addition (the default run), wordle, countdown, summary")
     out_dir: str = opt("runs/default", "run folder")
     resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
     overwrite: bool = opt(False, "replace a finished or different run in out_dir")
-    init_from: str = opt("scratch", "scratch, or a checkpoint file of ours (.pt); GPT-2 directories: see README")
+    init_from: str = opt("scratch", "scratch, a checkpoint of ours (.pt), or a local GPT-2 directory (HF layout)")
     seed: int = opt(1337, "seed of the run (model init, data, sampling)")
     device: str = opt("auto", "auto (cuda > mps > cpu), cpu, cuda, mps")
     dtype: str = opt("auto", "auto (bfloat16 on cuda, else float32), float32, bfloat16: autocast dtype")
@@ -52,7 +54,7 @@ class TrainConfig:
     n_layer: int = opt(4, "transformer blocks")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "model width")
-    block_size: int = opt(64, "context length, tokens")
+    block_size: int = opt(0, "context length, tokens; 0 = the task's BLOCK_SIZE")
     # stage 1: supervised warm start
     sft_steps: int = opt(150, "warm-start optimizer steps (0 skips the stage)")
     sft_batch_size: int = opt(64, "demonstrations per warm-start step")
@@ -74,12 +76,15 @@ class TrainConfig:
     importance_level: str = opt("token", "token, or sequence (GSPO)")
     temperature: float = opt(1.0, "sampling temperature during GRPO")
     top_k: int = opt(0, "top-k sampling during GRPO; 0 = off")
-    max_new_tokens: int = opt(5, "completion length cap, tokens (Wordle needs 4, addition 4)")
+    max_new_tokens: int = opt(0, "completion length cap, tokens; 0 = the task's MAX_NEW_TOKENS")
     reward_weights: str = opt("", "comma-separated weights, one per task reward; empty = the task's defaults")
     max_grad_norm: float = opt(1.0, "gradient clipping; 0 = off")
     dynamic_sampling: bool = opt(False, "DAPO dynamic sampling")
     mask_truncated: bool = opt(False, "DAPO: leave completions without a stop token out of the loss")
     overlong_buffer: int = opt(0, "DAPO soft overlong penalty width, tokens; 0 = off")
+    lora_rank: int = opt(0, "GRPO trains rank-r LoRA adapters only (base frozen; KL reference = adapters off); 0 = off")
+    lora_alpha: float = opt(16.0, "LoRA output scale alpha / rank")
+    lora_mlp: bool = opt(False, "LoRA adapters on the MLP projections too, not only attention")
     # evaluation and logging
     eval_interval: int = opt(100, "GRPO steps between evaluations")
     eval_games: int = opt(200, "held-out games (or problems) per evaluation")
@@ -119,6 +124,9 @@ def parse_config(argv):
             raise SystemExit(f"error: --{key}={raw!r} is not a valid {kind.__name__}") from None
     cfg = TrainConfig(**values)
     check_config(cfg)
+    task = importlib.import_module(f"data.{cfg.task}")  # zeros mean "the task's own size"
+    cfg.block_size = cfg.block_size or task.BLOCK_SIZE
+    cfg.max_new_tokens = cfg.max_new_tokens or task.MAX_NEW_TOKENS
     return cfg
 
 
@@ -135,15 +143,19 @@ def parse_value(raw, kind):
     return value
 
 
+TASKS = ("addition", "wordle", "countdown", "summary")
+
+
 def check_config(cfg):
-    checks = [(cfg.task in ("wordle", "addition"), "task must be wordle or addition"),
+    checks = [(cfg.task in TASKS, f"task must be one of {', '.join(TASKS)}"),
               (cfg.group_size >= 1, "group_size must be at least 1"),
               (cfg.prompts_per_step >= 1, "prompts_per_step must be at least 1"),
               (cfg.sft_steps >= 0 and cfg.grpo_steps >= 0, "step counts cannot be negative"),
-              (cfg.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+              (cfg.max_new_tokens >= 0 and cfg.block_size >= 0, "sizes cannot be negative"),
               (cfg.temperature > 0, "temperature must be positive during GRPO"),
               (cfg.lr > 0 and cfg.sft_lr > 0, "learning rates must be positive"),
               (cfg.beta >= 0, "beta cannot be negative"),
+              (cfg.lora_rank >= 0, "lora_rank cannot be negative (0 turns LoRA off)"),
               (cfg.eval_interval >= 1 and cfg.checkpoint_interval >= 1, "intervals must be at least 1"),
               (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), "unknown device"),
               (cfg.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16")]
@@ -217,13 +229,12 @@ def build_model(cfg, vocab_size):
         config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                            n_head=cfg.n_head, n_embd=cfg.n_embd)
         return GPT(config), config
-    if os.path.isdir(cfg.init_from):
-        # GPT-2's weights mean GPT-2's token ids; our tasks ship their own tokenizers, whose ids mean other
-        # things. Training one with the other would run and be silently wrong, so refuse until a task speaks
-        # GPT-2's tokenizer (data.tokenizer.gpt2_encoding).
-        raise SystemExit(f"error: --init_from={cfg.init_from} is a GPT-2 directory, but task {cfg.task!r} uses its "
-                         f"own tokenizer of {vocab_size} tokens, not GPT-2's; load it with GPT.from_pretrained "
-                         f"in your own script for now")
+    if os.path.isdir(cfg.init_from):  # a GPT-2 in the Hugging Face layout; main() gave us its tokenizer
+        model = GPT.from_pretrained(cfg.init_from)
+        if model.config.vocab_size < vocab_size:
+            raise SystemExit(f"error: {cfg.init_from} has {model.config.vocab_size} token embeddings but its "
+                             f"tokenizer has {vocab_size} tokens")
+        return model, model.config
     ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
     config = config_from_dict(ckpt["model_config"])
     if config.vocab_size != vocab_size:
@@ -231,6 +242,8 @@ def build_model(cfg, vocab_size):
                          f"tokenizer has {vocab_size}")
     model = GPT(config)
     load_state_dict_checked(model, ckpt["model"], source=cfg.init_from)
+    if config.lora_rank:  # a LoRA run's result: fold its adapters in and start from the plain model
+        merge_lora(model)
     return model, config
 
 
@@ -238,6 +251,8 @@ def make_optimizer(model, lr, weight_decay):
     """AdamW; weight decay only on matrices (not biases, norms, or the position table)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen under LoRA
+            continue
         (decay if p.dim() >= 2 and "wpe" not in name else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
@@ -264,8 +279,7 @@ def save_checkpoint(path, model, optimizer, model_config, cfg, stage, step, rng,
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path, model, optimizer, rng, generator):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
     load_state_dict_checked(model, ckpt["model"], source=path)
     optimizer.load_state_dict(ckpt["optimizer"])
     py = ckpt["rng"]["python"]
@@ -390,11 +404,14 @@ def main(argv):
     sft_player = cfg.sft_player or task.DEFAULT_PLAYER
     if sft_player not in task.reference_players():
         raise SystemExit(f"error: --sft_player={sft_player!r} is not one of {', '.join(task.reference_players())}")
-    enc = task.tokenizer()
+    # GPT-2's weights mean GPT-2's token ids, so a loaded GPT-2 reads the task through GPT-2's tokenizer
+    enc = gpt2_task_encoding(cfg.init_from) if os.path.isdir(cfg.init_from) else task.tokenizer()
     end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_config = build_model(cfg, enc.n_vocab)
+    if cfg.lora_rank > model_config.n_embd:
+        raise SystemExit(f"error: --lora_rank={cfg.lora_rank} is larger than the layer width n_embd={model_config.n_embd}")
     if cfg.init_from == "scratch" and hasattr(task, "init_embeddings"):
         task.init_embeddings(model.transformer.wte.weight, enc)  # a task may seed structure into its tokens
     model.to(device)
@@ -406,7 +423,12 @@ def main(argv):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     stage, step = "sft", 0
     if cfg.resume:
-        stage, step = load_checkpoint(ckpt_path, model, optimizer, rng, generator)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["model_config"].get("lora_rank"):  # it stopped in a LoRA stage 2: the adapters come first
+            add_lora(model, ckpt["model_config"]["lora_rank"], ckpt["model_config"]["lora_alpha"],
+                     ckpt["model_config"]["lora_mlp"])
+            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        stage, step = load_checkpoint(ckpt, ckpt_path, model, optimizer, rng, generator)
         if rank == 0:
             truncate_logs(cfg.out_dir, stage, step)
             print(f"resumed {cfg.out_dir} at {stage} step {step}")
@@ -462,9 +484,14 @@ def main(argv):
                        warm_path + ".tmp")
             os.replace(warm_path + ".tmp", warm_path)
         evals["warm start"] = evaluate_and_log(run, model, enc, task, cfg, autocast, step=0)
+        if cfg.lora_rank:  # from here on only the adapters train
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)
+            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         checkpoint("grpo", -1)  # so a resume from here does not redo stage 1
     reference = None
-    if cfg.beta > 0:  # the frozen warm-start policy; with beta = 0 no second model exists at all
+    if cfg.beta > 0 and cfg.lora_rank:
+        reference = model  # grpo_step reads this as "the policy with its adapters off": the warm-start model
+    elif cfg.beta > 0:  # the frozen warm-start policy; with beta = 0 no second model exists at all
         reference = GPT(model_config).to(device).eval().requires_grad_(False)
         load_state_dict_checked(reference, torch.load(warm_path, map_location="cpu", weights_only=True)["model"],
                                 source=warm_path)

@@ -19,6 +19,7 @@ from rewards import addition_digits, addition_exact
 
 MAX_DIGITS = 2
 EVAL_SEED = 4321
+MAX_NEW_TOKENS, BLOCK_SIZE = 5, 64  # train.py's defaults for this task: "168<|end|>" is 4 tokens
 HEADLINE = ("exact_rate", "digit_score")
 
 

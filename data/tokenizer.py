@@ -187,3 +187,13 @@ def gpt2_encoding(path=None):
                                                           encoder_json_file=files["encoder.json"])
     return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": len(ranks)}, explicit_n_vocab=len(ranks) + 1)
+
+
+def gpt2_task_encoding(path):
+    """GPT-2's tokenizer for our tasks, whose prompts use <|begin|>, <|end|> and <|pad|>: all three become GPT-2's
+    one special token, <|endoftext|>, which GPT-2 saw between documents and so is its natural start, stop and
+    padding (padding is masked anyway). Decoding it gives back "<|endoftext|>"."""
+    base = gpt2_encoding(path)
+    eot = base.eot_token
+    return tiktoken.Encoding(f"{base.name}-tasks", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                             special_tokens={"<|endoftext|>": eot, **{s: eot for s in SPECIAL_TOKENS}})

@@ -48,6 +48,7 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
 MAX_TURNS = 6
 HELDOUT = 200
 HEADLINE = ("win_rate", "consistent_rate")  # the evaluation figures train.py reports first
+MAX_NEW_TOKENS, BLOCK_SIZE = 5, 64  # train.py's defaults: "<guess>crane</guess><|end|>" is 4 tokens; 6 turns fit
 SPLIT_SEED = 1234
 
 

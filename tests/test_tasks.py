@@ -2,8 +2,10 @@ import random
 
 import pytest
 
-from data import addition, wordle
-from rewards import is_consistent, parse_guess, wordle_feedback
+from itertools import permutations, product
+
+from data import addition, countdown, summary, wordle
+from rewards import evaluate_expression, is_consistent, parse_guess, quiz_reward, wordle_feedback
 
 
 def test_word_lists_are_clean_and_split():
@@ -86,8 +88,64 @@ def test_addition_task_players_and_tokenizer():
     assert all(p.endswith("=") and c.isdigit() for p, c in pairs)
 
 
-@pytest.mark.parametrize("task", [wordle, addition])
+@pytest.mark.parametrize("task", [wordle, addition, countdown, summary])
 def test_tasks_share_one_interface(task):
     for name in ("tokenizer", "training_examples", "prompt", "demonstrations", "reward_functions", "evaluate",
-                 "reference_players", "HEADLINE"):
+                 "reference_players", "HEADLINE", "DEFAULT_PLAYER", "MAX_NEW_TOKENS", "BLOCK_SIZE"):
         assert hasattr(task, name), name
+    assert task.DEFAULT_PLAYER in task.reference_players()
+    enc = task.tokenizer()
+    for p, c in task.demonstrations(20, random.Random(0)):
+        ids = enc.encode(p + c + "<|end|>", allowed_special="all")
+        assert enc.decode(ids) == p + c + "<|end|>" and len(ids) <= task.BLOCK_SIZE
+        assert len(enc.encode(c + "<|end|>", allowed_special="all")) <= task.MAX_NEW_TOKENS
+
+
+def all_values_naively(numbers):
+    """Every value of every expression over `numbers` (each once): all orders, all operator choices, all
+    bracketings of a sequence (for 3 numbers: (a o b) o c and a o (b o c)). Independent of the solver's split
+    recursion; only for 3 numbers."""
+    values = set()
+    for a, b, c in permutations(numbers):
+        for o1, o2 in product("+-*/", repeat=2):
+            for text in (f"({a}{o1}{b}){o2}{c}", f"{a}{o1}({b}{o2}{c})"):
+                parsed = evaluate_expression(text)
+                if parsed is not None:
+                    values.add(parsed[0])
+    return values
+
+
+def test_countdown_solver_finds_exactly_the_reachable_values_and_its_expressions_check():
+    rng = random.Random(0)
+    for _ in range(30):
+        numbers = tuple(sorted(rng.randint(1, 12) for _ in range(3)))
+        found = countdown.reachable(numbers)
+        assert set(found) == all_values_naively(numbers)
+        for value, text in found.items():
+            got, used = evaluate_expression(text)
+            assert got == value and sorted(used) == list(numbers), text
+    assert countdown.solve((1, 1, 1), 100) is None
+
+
+def test_countdown_instances_are_solvable_and_players_bracket_the_task():
+    for ex in countdown.training_examples(50, random.Random(0)):
+        assert countdown.TARGET_MIN <= ex["target"] <= countdown.TARGET_MAX and len(ex["numbers"]) == countdown.NUMBERS
+        assert countdown.solve(ex["numbers"], ex["target"]) is not None
+    players = countdown.reference_players(random.Random(0))
+    assert countdown.evaluate(players["solver"], 100)["solved_rate"] == 1.0  # the ceiling
+    random_result = countdown.evaluate(players["random"], 100, keep_games=3)
+    assert random_result["format_rate"] > 0.9 and random_result["solved_rate"] < 0.2
+    assert len(random_result["transcripts"]) == 3
+
+
+def test_summary_players_show_the_hack_and_the_cure():
+    players = summary.reference_players(random.Random(0))
+    r = {name: summary.evaluate(player, 100) for name, player in players.items()}
+    assert r["copy"]["quiz_score"] == 1.0 and r["copy"]["filler_rate"] == 1.0  # the hack: a perfect quiz
+    assert r["facts"]["quiz_score"] == 1.0 and r["facts"]["filler_rate"] == 0.0
+    assert r["facts"]["mean_chars"] < 0.6 * r["copy"]["mean_chars"]
+    assert r["facts"]["reward"] > 0.9 > 0.1 > r["copy"]["reward"]  # the length penalty cures it
+    assert 0 < r["lead"]["quiz_score"] < 0.5 and r["empty"]["quiz_score"] == 0
+    for ex in summary.training_examples(20, random.Random(1)):
+        assert sum(" = " in line for line in ex["lines"]) == summary.FACTS
+        assert quiz_reward("\n".join(ex["lines"]), ex) == 1.0

@@ -135,9 +135,66 @@ def test_two_processes_with_torchrun(tmp_path):
     assert "x2" in result.stdout
 
 
-def test_a_gpt2_directory_is_refused_rather_than_trained_with_the_wrong_tokenizer(tmp_path):
+def test_a_local_gpt2_directory_trains_lora_adapters_through_gpt2s_tokenizer(tmp_path):
+    from data.tokenizer import train_bpe
     from tests.helpers import tiny_gpt
     from tests.test_model import write_hf_checkpoint
-    write_hf_checkpoint(tiny_gpt(dtype=torch.float32), tmp_path / "gpt2")
-    with pytest.raises(SystemExit, match="uses its own tokenizer"):
-        train.main(TINY + [f"--out_dir={tmp_path / 'run'}", f"--init_from={tmp_path / 'gpt2'}"])
+    from tests.test_tokenizer import write_gpt2_vocab
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    vocab = write_gpt2_vocab(gpt2, train_bpe([f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], 300))
+    base = tiny_gpt(dtype=torch.float32, vocab_size=len(vocab))
+    write_hf_checkpoint(base, gpt2)
+    out = tmp_path / "run"
+    train.main(TINY + [f"--out_dir={out}", f"--init_from={gpt2}", "--grpo_steps=3", "--lora_rank=4", "--beta=0.04",
+                       "--sft_lr=1e-2", "--reference_players=false"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["lora_rank"] == 4 and ckpt["model_config"]["vocab_size"] == len(vocab)
+    warm = torch.load(out / "warm_start.pt", weights_only=True)["model"]  # the whole model after the warm start
+    assert not torch.equal(warm["transformer.wte.weight"], base.state_dict()["transformer.wte.weight"])
+    for key, value in warm.items():
+        assert torch.equal(ckpt["model"][key], value), key  # GRPO never moved the base: only the adapters
+    adapters = [v for k, v in ckpt["model"].items() if k.endswith("lora_B")]
+    assert adapters and any(v.abs().sum() > 0 for v in adapters)
+    kl = [r["kl"] for r in read_jsonl(out / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert kl[0] == 0 and kl[-1] > 0  # reference = the adapters switched off, equal to the policy at first
+
+
+def test_a_lora_run_stopped_mid_grpo_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import grpo
+    args = TINY + ["--lora_rank=4", "--reference_players=false", "--num_iterations=1", "--grpo_steps=6"]
+    train.main(args + [f"--out_dir={tmp_path / 'whole'}"])
+    calls, original = {"n": 0}, grpo.grpo_loss
+
+    def dies_at_step_3(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # as if killed: checkpoints up to step 2 are on disk
+        return original(*a, **kw)
+
+    monkeypatch.setattr(grpo, "grpo_loss", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + [f"--out_dir={tmp_path / 'killed'}"])
+    monkeypatch.setattr(grpo, "grpo_loss", original)
+    train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "killed"))
+    assert a["step"] == b["step"] == 5 and a["model_config"]["lora_rank"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.parametrize("flag,message", [("--lora_rank=33", "larger than the layer width n_embd=32"),
+                                          ("--lora_rank=-1", "lora_rank cannot be negative")])
+def test_bad_lora_ranks_stop_before_any_work(tmp_path, flag, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(TINY + [f"--out_dir={tmp_path / 'run'}", flag])
+
+
+@pytest.mark.parametrize("task", ["countdown", "summary"])
+def test_the_other_tasks_run_end_to_end(tmp_path, task):
+    out = tmp_path / task
+    args = [a for a in TINY if not a.startswith(("--task", "--block_size", "--max_new_tokens"))]
+    train.main(args + [f"--task={task}", f"--out_dir={out}", "--grpo_steps=2", "--eval_games=8"])
+    table = json.loads((out / "eval.json").read_text())
+    headline = {"countdown": "solved_rate", "summary": "quiz_score"}[task]
+    assert headline in table["GRPO"] and table[f"player: {'solver' if task == 'countdown' else 'facts'}"][headline] == 1

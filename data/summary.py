@@ -1,0 +1,213 @@
+"""
+Summaries with a quiz reward: the course's lessons 5 (LLM-as-judge and quiz rewards) and 6 (reward hacking and
+the length penalty), offline and small enough for a CPU.
+
+A document is three facts among three filler lines, shuffled; the summary should keep the facts:
+
+    <|begin|>bo waved at cy            ->      ana: pet = cat
+    ana: pet = cat                             dee: city = oslo
+    the bus was late                           cy: food = rice<|end|>
+    dee: city = oslo
+    cy: food = rice
+    it rained all day
+    summary:
+
+The quiz reward (rewards.quiz_reward) asks each fact of the document as a question, and a reader program answers
+it from the summary alone. Copying the whole document answers every question, so the quiz reward alone is
+hackable: GRPO drifts from short summaries toward copies, reward and length rising together. The task's
+default reward adds lesson 6's cure, a length penalty that starts past the length of the facts alone, so the
+best policy keeps the facts and drops the filler. experiments/summary.md shows both runs.
+
+The warm start imitates "lead", a classic summarization baseline: copy the first one or two lines.
+
+    python -m data.summary                # the reference players
+    python -m data.summary judge          # lesson 5: train a small GPT judge, compare its grades with the quiz
+"""
+
+import random
+import sys
+from functools import lru_cache
+
+from data.tokenizer import encoding_from_merges, train_bpe
+from rewards import length_penalty, quiz_reward
+
+NAMES = ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "liv", "max", "ned", "oz", "pia")
+VALUES = {"pet": ("cat", "dog", "fox", "owl", "eel", "yak", "bat", "ant"),
+          "city": ("oslo", "rome", "lima", "kyiv", "doha", "bern", "riga", "baku"),
+          "food": ("rice", "soup", "figs", "corn", "kale", "tofu", "stew", "pie"),
+          "color": ("red", "blue", "gold", "gray", "pink", "teal", "tan", "jade"),
+          "sport": ("golf", "judo", "polo", "ski", "swim", "row", "box", "surf")}
+FILLER = ("the bus was late", "it rained all day", "{a} waved at {b}", "{a} met {b} for tea", "nothing else happened",
+          "{a} lost a glove", "the room was cold", "{a} called {b} twice", "lunch ran long", "{a} and {b} laughed")
+FACTS, FILLERS = 3, 3
+MAX_NEW_TOKENS, BLOCK_SIZE = 48, 104  # a full copy is 46 tokens with <|end|>; prompts up to 50
+EVAL_SEED = 1357
+HEADLINE = ("quiz_score", "mean_chars")
+# The length penalty's free budget: three facts such as "dee: city = oslo" fit (about 45 characters with
+# newlines); each character past it costs 0.02, so a full copy of the document (about 100) costs about 1.
+SUMMARY_CHARS, PER_CHAR = 50, 0.02
+
+
+def fact_line(name, attribute, value):
+    return f"{name}: {attribute} = {value}"
+
+
+def random_example(rng):
+    names = rng.sample(NAMES, FACTS + 2)
+    facts = tuple((n, a, rng.choice(VALUES[a])) for n, a in zip(names, rng.sample(sorted(VALUES), FACTS)))
+    fillers = [rng.choice(FILLER).format(a=names[-2], b=names[-1]) for _ in range(FILLERS)]
+    lines = [fact_line(*f) for f in facts] + fillers
+    rng.shuffle(lines)
+    return {"lines": tuple(lines), "facts": facts, "quiz": facts}
+
+
+def prompt(example):
+    return "<|begin|>" + "\n".join(example["lines"]) + "\nsummary:\n"
+
+
+def training_examples(n, rng):
+    return [random_example(rng) for _ in range(n)]
+
+
+def reward_functions():
+    """The quiz, and the length penalty that keeps it honest. --reward_weights=1,0 trains on the quiz alone."""
+    return [quiz_reward, length_penalty(SUMMARY_CHARS, PER_CHAR)], [1.0, 1.0]
+
+
+@lru_cache(maxsize=None)
+def tokenizer():
+    texts = [prompt(ex).removeprefix("<|begin|>") for ex in training_examples(2000, random.Random(0))]
+    return encoding_from_merges(train_bpe(texts, 400), name="summary")
+
+
+def reference_players(rng=None):
+    rng = rng or random.Random(0)
+
+    def lead(examples):  # the first one or two lines, whatever they are
+        return ["\n".join(ex["lines"][:rng.randint(1, 2)]) for ex in examples]
+
+    def copy(examples):  # the reward hack: every question answered, every filler line kept
+        return ["\n".join(ex["lines"]) for ex in examples]
+
+    def facts(examples):  # the ideal extractive summary: the fact lines, in document order
+        return ["\n".join(line for line in ex["lines"] if " = " in line) for ex in examples]
+
+    def empty(examples):
+        return ["" for _ in examples]
+
+    return {"lead": lead, "copy": copy, "facts": facts, "empty": empty}
+
+
+DEFAULT_PLAYER = "lead"
+
+
+def demonstrations(n, rng, player=DEFAULT_PLAYER):
+    play = reference_players(rng)[player]
+    examples = training_examples(n, rng)
+    return list(zip((prompt(ex) for ex in examples), play(examples)))
+
+
+def evaluation_examples(n):
+    return training_examples(n, random.Random(EVAL_SEED))
+
+
+def evaluate(player, n=200, keep_games=0):
+    """quiz_score: mean quiz reward; mean_chars: summary length; filler_rate: share of the filler lines the
+    summaries repeat (0 for a pure fact summary, 1 for a copy); reward: the task's default total reward."""
+    examples = evaluation_examples(n)
+    texts = player(examples)
+    fns, weights = reward_functions()
+    result = {"games": n,
+              "quiz_score": sum(quiz_reward(t, ex) for t, ex in zip(texts, examples)) / n,
+              "mean_chars": sum(len(t) for t in texts) / n,
+              "filler_rate": sum(line in t for t, ex in zip(texts, examples) for line in ex["lines"]
+                                 if " = " not in line) / (n * FILLERS),
+              "reward": sum(w * fn(t, ex) for t, ex in zip(texts, examples) for fn, w in zip(fns, weights)) / n}
+    if keep_games:
+        result["transcripts"] = [{"prompt": prompt(ex), "completion": t} for ex, t in zip(examples[:keep_games], texts)]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lesson 5: an LLM as the judge. No API and no download here, so the judge is a small GPT of ours, trained in
+# a minute to grade summaries by a rubric; rewards.llm_judge turns its grade probabilities into a reward.
+
+JUDGE_RUBRIC = "<|begin|>grade this summary:\n{summary}\ngrade:"  # the grade token comes next
+
+
+def rubric_grade(summary, example):
+    """The rubric the judge learns: one point per fact kept, minus one per filler line kept, from 0 to 3."""
+    kept = [line for line in summary.split("\n") if line in example["lines"]]
+    return max(0, sum(" = " in line for line in kept) - sum(" = " not in line for line in kept))
+
+
+def judge_prompt(summary, example):
+    return JUDGE_RUBRIC.format(summary=summary)
+
+
+def random_summary(example, rng):
+    """Some facts and some filler lines of the document, in its order: 0..3 of each, uniformly, so the judge
+    sees every grade often (lines kept at random with probability 1/2 would rarely keep all facts and nothing
+    else, the one summary that earns a 3)."""
+    facts = [line for line in example["lines"] if " = " in line]
+    filler = [line for line in example["lines"] if " = " not in line]
+    kept = set(rng.sample(facts, rng.randint(0, len(facts)))) | set(rng.sample(filler, rng.randint(0, len(filler))))
+    return "\n".join(line for line in example["lines"] if line in kept)
+
+
+def train_judge(steps=200, batch_size=64, seed=0, device="cpu"):
+    """A 2-layer GPT that reads document + summary and predicts the rubric grade as one token "0".."3"."""
+    import torch
+    import torch.nn.functional as F
+
+    from model import GPT, GPTConfig, pad_left
+    enc, rng = tokenizer(), random.Random(seed)
+    grade_tokens = [enc.encode_single_token(str(g).encode()) for g in range(4)]
+    torch.manual_seed(seed)
+    judge = GPT(GPTConfig(block_size=80, vocab_size=enc.n_vocab, n_layer=2, n_head=2, n_embd=64)).to(device)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3)
+    for step in range(steps):
+        examples = training_examples(batch_size, rng)
+        summaries = [random_summary(ex, rng) for ex in examples]
+        prompts = [enc.encode(judge_prompt(s, ex), allowed_special="all") for s, ex in zip(summaries, examples)]
+        tokens, valid = pad_left(prompts, 0, device)
+        logits, _ = judge(tokens, valid=valid)
+        target = torch.tensor([grade_tokens[rubric_grade(s, ex)] for s, ex in zip(summaries, examples)], device=device)
+        loss = F.cross_entropy(logits[:, -1], target)
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"judge step {step:4d} | loss {loss.item():.3f}")
+    judge.eval()
+    return judge, grade_tokens
+
+
+def judge_reward(judge, grade_tokens):
+    from rewards import llm_judge
+    enc = tokenizer()
+    return llm_judge(judge, lambda text: enc.encode(text, allowed_special="all"), judge_prompt, grade_tokens)
+
+
+def judge_demo():
+    """Train the judge, then grade the reference players' summaries of the held-out documents with it."""
+    judge, grade_tokens = train_judge()
+    reward = judge_reward(judge, grade_tokens)
+    examples = evaluation_examples(200)
+    print(f"{'player':>6} | judge (expected grade / 3) | rubric grade / 3 | quiz")
+    for name, player in reference_players(random.Random(0)).items():
+        texts = player(examples)
+        judged = sum(reward(texts, examples)) / len(texts)
+        rubric = sum(rubric_grade(t, ex) for t, ex in zip(texts, examples)) / (3 * len(texts))
+        quiz = sum(quiz_reward(t, ex) for t, ex in zip(texts, examples)) / len(texts)
+        print(f"{name:>6} | {judged:26.3f} | {rubric:16.3f} | {quiz:.3f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["judge"]:
+        judge_demo()
+    else:
+        for name, player in reference_players(random.Random(0)).items():
+            print(f"{name:>6}: " + " | ".join(f"{k} {v:.3f}" for k, v in evaluate(player).items() if k != "games"))
