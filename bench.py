@@ -2,7 +2,7 @@
 Benchmarks of the things GRPO spends its time and memory on. Prints a table, then one JSON line.
 
     python bench.py                 # everything, on the reference configuration (6 layers, 6 heads, 384 wide)
-    python bench.py --only=sample   # one section: peak, sample, train, logprobs, grpo
+    python bench.py --only=sample   # one section: peak, sample, train, logprobs, grpo, trl
     python bench.py --quick         # fewer repeats and a shorter no-cache run, for a smoke test
 
 Sections:
@@ -15,6 +15,7 @@ Sections:
             tokens: chunked (model.logprobs_from_hidden) vs the naive log_softmax + gather.
   grpo      seconds per whole grpo.grpo_step, 8 prompts x 8 samples x exactly 64 new tokens, beta 0 and 0.04,
             split into sampling and learning.
+  trl       the same step with TRL's GRPOTrainer beside it, when trl is installed (a dev-only extra).
 
 Throughput on shared CPUs wanders by tens of percent between runs: compare figures from the same run only.
 transformers is optional and used here only, to compare with the library most people would otherwise use.
@@ -220,9 +221,57 @@ def bench_grpo(model, device, repeats):
     return out
 
 
+def bench_trl(model, device, repeats):
+    """TRL's GRPOTrainer on the same batch as bench_grpo, when trl is installed: a GPT2LMHeadModel of the same
+    shape, 8 prompts of 16 tokens x 8 completions of exactly 64 tokens, one optimizer step per generation batch,
+    float32, no gradient checkpointing (TRL's default turns it on: recomputation a fair comparison leaves out).
+    Seconds per trainer step, best of `repeats` after a warm-up step, taken by a callback."""
+    try:
+        import datasets
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        return {}
+    import tempfile
+    V = model.config.vocab_size
+    word_level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t1"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="t0", pad_token="t0")
+    prompts = [" ".join(f"t{t}" for t in row) for row in torch.randint(1, V, (8, 16)).tolist()]
+    dataset = datasets.Dataset.from_dict({"prompt": prompts * (repeats + 2)})
+
+    def reward(completions, **kwargs):  # the same cheap, content-dependent reward as bench_grpo
+        return [sum(int(t[1:]) % 7 == 0 for t in c.split()) / max(1, len(c.split())) for c in completions]
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            times.append(time.perf_counter() - self.t0)
+
+    out = {}
+    for beta in (0.0, 0.04):
+        times = []
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model(model.config, device).save_pretrained(f"{tmp}/model")  # TRL builds its reference from a path
+            args = GRPOConfig(output_dir=tmp, per_device_train_batch_size=64, num_generations=8,
+                              max_completion_length=64, generation_kwargs={"min_new_tokens": 64}, beta=beta,
+                              learning_rate=1e-5, gradient_checkpointing=False, bf16=False,
+                              use_cpu=device.type == "cpu", max_steps=repeats + 1, report_to="none",
+                              save_strategy="no", logging_steps=1, disable_dropout=True)
+            trainer = GRPOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=args, train_dataset=dataset,
+                                  processing_class=tokenizer, callbacks=[StepTimer()])
+            trainer.train()
+        out[f"trl_beta{beta:g}_step_s"] = min(times[1:])
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="peak,sample,train,logprobs,grpo", help="comma-separated sections")
+    parser.add_argument("--only", default="peak,sample,train,logprobs,grpo,trl", help="comma-separated sections")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast, for train)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, a shorter no-cache run")
@@ -252,6 +301,12 @@ def main():
         results.update(bench_logprobs(device, repeats))
     if "grpo" in sections:
         results.update(bench_grpo(model, device, repeats))
+    if "trl" in sections:
+        results.update(bench_trl(model, device, repeats))
+        for beta in ("0", "0.04"):
+            if f"trl_beta{beta}_step_s" in results and f"grpo_beta{beta}_step_s" in results:
+                results[f"grpo_beta{beta}_speedup_vs_trl"] = (results[f"trl_beta{beta}_step_s"] /
+                                                               results[f"grpo_beta{beta}_step_s"])
     if "sample_8x8_nocache_tok_s" in results:
         results["sample_cache_speedup"] = results["sample_8x8_cache_tok_s"] / results["sample_8x8_nocache_tok_s"]
     if "hf_generate_64x1_tok_s" in results:

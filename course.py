@@ -103,7 +103,7 @@ def lesson7():
     f = loss_mistakes()
     print("(a) The ratio must be pi / pi_old, pi_old = the policy that sampled, not pi / pi_ref.")
     print(f"    A policy that has moved from its reference; one group sampled from it. Clipped tokens:")
-    print(f"      ratio to pi_old (ours):   {f['clip_old']:.0%}   gradient = REINFORCE with the group baseline")
+    print(f"      ratio to pi_old (ours):    {f['clip_old']:.0%}   gradient = REINFORCE with the group baseline")
     print(f"      ratio to pi_ref (mistake): {f['clip_ref']:.0%}   clipped tokens get no gradient; cosine to the right "
           f"gradient {f['cosine_ref']:.2f}")
     print("    Clipping is a trust region around the sampler (PPO); distance to the reference is the KL term's job.")

@@ -12,6 +12,7 @@ sampled them), score each with rewards r_i, and maximize
 
 The group mean is the baseline: there is no value network (critic), which is what GRPO removes from PPO.
 The KL term to a frozen reference model is optional: beta = 0 (the default) keeps no reference model at all.
+For a LoRA policy (model.add_lora) the reference is the policy with its adapters off: pass reference=policy.
 
 Every choice is one knob of GRPOConfig:
     scale_rewards     "group" (std of the group, above), "batch" (std of the whole batch), "none" (Dr. GRPO)
@@ -196,7 +197,8 @@ def score(completions, examples, reward_fns, weights=None):
     table = torch.zeros(len(completions), len(reward_fns), dtype=torch.float64)
     for j, fn in enumerate(reward_fns):
         name = getattr(fn, "__name__", repr(fn))
-        if getattr(fn, "batched", False):  # e.g. an LLM judge: one call grades the whole batch
+        batched = getattr(fn, "batched", False)  # e.g. an LLM judge: one call grades the whole batch
+        if batched:
             try:
                 values = list(fn(completions, examples))
             except Exception as e:
@@ -205,11 +207,14 @@ def score(completions, examples, reward_fns, weights=None):
                 raise ValueError(f"reward function {name} returned {len(values)} values for "
                                  f"{len(completions)} completions")
         for i, (completion, example) in enumerate(zip(completions, examples)):
-            try:
-                value = values[i] if getattr(fn, "batched", False) else fn(completion, example)
-            except Exception as e:
-                raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e} "
-                                   f"on completion {completion!r}") from e
+            if batched:
+                value = values[i]
+            else:
+                try:
+                    value = fn(completion, example)
+                except Exception as e:
+                    raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e} "
+                                       f"on completion {completion!r}") from e
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"reward function {name} returned {value!r} (a finite number is required) "
                                  f"on completion {completion!r}")

@@ -4,7 +4,7 @@ the length penalty), offline and small enough for a CPU.
 
 A document is three facts among three filler lines, shuffled; the summary should keep the facts:
 
-    <|begin|>bo waved at cy            ->      ana: pet = cat
+    <|begin|>kai waved at liv          ->      ana: pet = cat
     ana: pet = cat                             dee: city = oslo
     the bus was late                           cy: food = rice<|end|>
     dee: city = oslo
@@ -18,7 +18,7 @@ hackable: GRPO drifts from short summaries toward copies, reward and length risi
 default reward adds lesson 6's cure, a length penalty that starts past the length of the facts alone, so the
 best policy keeps the facts and drops the filler. experiments/summary.md shows both runs.
 
-The warm start imitates "lead", a classic summarization baseline: copy the first one or two lines.
+The warm start imitates "lead", the classic summarization baseline (lead-3): copy the first one to three lines.
 
     python -m data.summary                # the reference players
     python -m data.summary judge          # lesson 5: train a small GPT judge, compare its grades with the quiz
@@ -83,8 +83,8 @@ def tokenizer():
 def reference_players(rng=None):
     rng = rng or random.Random(0)
 
-    def lead(examples):  # the first one or two lines, whatever they are
-        return ["\n".join(ex["lines"][:rng.randint(1, 2)]) for ex in examples]
+    def lead(examples):  # the first one to three lines, whatever they are
+        return ["\n".join(ex["lines"][:rng.randint(1, 3)]) for ex in examples]
 
     def copy(examples):  # the reward hack: every question answered, every filler line kept
         return ["\n".join(ex["lines"]) for ex in examples]

@@ -3,6 +3,7 @@ Plots and tables from run folders (matplotlib is an optional extra: train.py nev
 
     python experiments/plot.py curves OUT.png RUN [RUN ...]          # GRPO reward and eval curves of runs
     python experiments/plot.py ablation OUT.png OUT.md RUN [RUN ...]  # final eval by config, mean and spread
+    python experiments/plot.py hacking OUT.png RUN [RUN ...]         # summary runs: quiz reward and length
 
 Runs are grouped by their config.json minus the seed, so seeds of one setting become one line of the table
 (mean, standard deviation, min and max) and one band in the plot.
@@ -32,6 +33,9 @@ def smooth(values, k=20):
     return out
 
 
+HEADLINES = ("exact_rate", "win_rate", "solved_rate", "quiz_score")  # the first one an eval record has is plotted
+
+
 def curves(out_png, runs):
     import matplotlib
     matplotlib.use("Agg")
@@ -44,7 +48,7 @@ def curves(out_png, runs):
         grpo = [r for r in records if r["stage"] == "grpo"]
         ax1.plot([r["step"] for r in grpo], smooth([r["reward_mean"] for r in grpo]), label=label)
         evals = [r for r in records if r["stage"] == "eval"]
-        key = "exact_rate" if "exact_rate" in evals[0] else "win_rate"
+        key = next(k for k in HEADLINES if k in evals[0])
         line, = ax2.plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=f"{label} greedy")
         if f"sampled_{key}" in evals[0]:
             ax2.plot([r["step"] for r in evals], [r[f"sampled_{key}"] for r in evals], marker="x", linestyle="--",
@@ -98,9 +102,39 @@ def ablation(out_png, out_md, runs):
     print(f"wrote {out_png} and {out_md}")
 
 
+def hacking(out_png, runs):
+    """Summary runs: the quiz reward and the completion length per GRPO step, and the held-out quiz score."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for run in runs:
+        config, records = load(run)
+        label = os.path.basename(run.rstrip("/"))
+        grpo = [r for r in records if r["stage"] == "grpo"]
+        steps = [r["step"] for r in grpo]
+        line, = axes[0].plot(steps, smooth([r["reward_quiz_reward"] for r in grpo]), label=label)
+        axes[1].plot(steps, smooth([r["completion_len"] for r in grpo]), label=label, color=line.get_color())
+        evals = [r for r in records if r["stage"] == "eval"]
+        axes[2].plot([r["step"] for r in evals], [r["mean_chars"] for r in evals], marker="o",
+                     color=line.get_color(), label=f"{label}: characters")
+    axes[0].set(title="quiz reward of the samples (20-step average)", xlabel="GRPO step", ylabel="quiz reward")
+    axes[1].set(title="completion length, tokens (20-step average)", xlabel="GRPO step", ylabel="tokens")
+    axes[2].set(title="held-out greedy summaries: length", xlabel="GRPO step", ylabel="characters")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    print(f"wrote {out_png}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["curves"]:
         curves(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1:2] == ["hacking"]:
+        hacking(sys.argv[2], sys.argv[3:])
     elif sys.argv[1:2] == ["ablation"]:
         ablation(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
