@@ -124,7 +124,7 @@ def lesson8():
     """Training Wordle: format, feedback and information-gain rewards, warm start then GRPO (a short run)."""
     import train
     print("A short run (the full-size one and its figures: experiments/wordle.md).\n")
-    train.main(["--task=wordle", "--sft_steps=30", "--sft_batch_size=32", "--grpo_steps=4", "--prompts_per_step=4",
+    train.main(["--task=wordle", "--sft_steps=120", "--sft_batch_size=32", "--grpo_steps=4", "--prompts_per_step=4",
                 "--eval_games=10", "--eval_interval=4", "--reference_players=false", "--out_dir=runs/course-lesson8",
                 "--overwrite"])
 
