@@ -102,17 +102,18 @@ def lesson7():
     """The GRPO loss: ratio, clipping, KL, and the three mistakes of the course's loss notebook."""
     f = loss_mistakes()
     print("(a) The ratio must be pi / pi_old, pi_old = the policy that sampled, not pi / pi_ref.")
-    print(f"    A policy that has moved from its reference; one group sampled from it. Clipped tokens:")
+    print("    A policy that has moved from its reference; one group sampled from it. Clipped tokens:")
     print(f"      ratio to pi_old (ours):    {f['clip_old']:.0%}   gradient = REINFORCE with the group baseline")
-    print(f"      ratio to pi_ref (mistake): {f['clip_ref']:.0%}   clipped tokens get no gradient; cosine to the right "
-          f"gradient {f['cosine_ref']:.2f}")
-    print("    Clipping is a trust region around the sampler (PPO); distance to the reference is the KL term's job.")
+    print(f"      ratio to pi_ref (mistake): {f['clip_ref']:.0%}   clipped tokens get no gradient; "
+          f"cosine to the right gradient {f['cosine_ref']:.2f}")
+    print("    Clipping is a trust region around the sampler (PPO); distance to the reference is the KL term's "
+          "job.")
     print("\n(b) Log-probs need the one-token shift: the logit at position t-1 scores token t.")
-    print(f"    Sampled completions, their log-prob recorded while sampling, per token on average:")
+    print("    Sampled completions, their log-prob recorded while sampling, per token on average:")
     print(f"      at sampling time:            {f['logp_sampling']:.4f}")
     print(f"      shifted (ours):              {f['logp_shifted']:.4f}   max difference {f['shift_error']:.1e}")
-    print(f"      unshifted (mistake):         {f['logp_unshifted']:.4f}   each token scored by its own position's "
-          f"prediction of the NEXT token")
+    print(f"      unshifted (mistake):         {f['logp_unshifted']:.4f}   each token scored by its own "
+          "position's prediction of the NEXT token")
     print("\n(c) Advantages use the Bessel-corrected group std (torch.std, as TRL), not the population std.")
     for G, factor in f["std_inflation"].items():
         print(f"      group of {G:>2}: population-std advantages are {factor:.3f}x larger")
@@ -124,9 +125,9 @@ def lesson8():
     """Training Wordle: format, feedback and information-gain rewards, warm start then GRPO (a short run)."""
     import train
     print("A short run (the full-size one and its figures: experiments/wordle.md).\n")
-    train.main(["--task=wordle", "--sft_steps=120", "--sft_batch_size=32", "--grpo_steps=4", "--prompts_per_step=4",
-                "--eval_games=10", "--eval_interval=4", "--reference_players=false", "--out_dir=runs/course-lesson8",
-                "--overwrite"])
+    train.main(["--task=wordle", "--sft_steps=120", "--sft_batch_size=32", "--grpo_steps=4",
+                "--prompts_per_step=4", "--eval_games=10", "--eval_interval=4", "--reference_players=false",
+                "--out_dir=runs/course-lesson8", "--overwrite"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

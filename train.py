@@ -82,7 +82,8 @@ class TrainConfig:
     dynamic_sampling: bool = opt(False, "DAPO dynamic sampling")
     mask_truncated: bool = opt(False, "DAPO: leave completions without a stop token out of the loss")
     overlong_buffer: int = opt(0, "DAPO soft overlong penalty width, tokens; 0 = off")
-    lora_rank: int = opt(0, "GRPO trains rank-r LoRA adapters only (base frozen; KL reference = adapters off); 0 = off")
+    lora_rank: int = opt(0, "GRPO trains rank-r LoRA adapters only (base frozen, KL reference = adapters off); "
+                            "0 = off")
     lora_alpha: float = opt(16.0, "LoRA output scale alpha / rank")
     lora_mlp: bool = opt(False, "LoRA adapters on the MLP projections too, not only attention")
     # evaluation and logging
@@ -411,7 +412,8 @@ def main(argv):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_config = build_model(cfg, enc.n_vocab)
     if cfg.lora_rank > model_config.n_embd:
-        raise SystemExit(f"error: --lora_rank={cfg.lora_rank} is larger than the layer width n_embd={model_config.n_embd}")
+        raise SystemExit(f"error: --lora_rank={cfg.lora_rank} is larger than the layer width "
+                         f"n_embd={model_config.n_embd}")
     if cfg.init_from == "scratch" and hasattr(task, "init_embeddings"):
         task.init_embeddings(model.transformer.wte.weight, enc)  # a task may seed structure into its tokens
     model.to(device)

@@ -31,14 +31,16 @@ from functools import lru_cache
 from data.tokenizer import encoding_from_merges, train_bpe
 from rewards import length_penalty, quiz_reward
 
-NAMES = ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "liv", "max", "ned", "oz", "pia")
+NAMES = ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "liv", "max", "ned", "oz",
+         "pia")
 VALUES = {"pet": ("cat", "dog", "fox", "owl", "eel", "yak", "bat", "ant"),
           "city": ("oslo", "rome", "lima", "kyiv", "doha", "bern", "riga", "baku"),
           "food": ("rice", "soup", "figs", "corn", "kale", "tofu", "stew", "pie"),
           "color": ("red", "blue", "gold", "gray", "pink", "teal", "tan", "jade"),
           "sport": ("golf", "judo", "polo", "ski", "swim", "row", "box", "surf")}
-FILLER = ("the bus was late", "it rained all day", "{a} waved at {b}", "{a} met {b} for tea", "nothing else happened",
-          "{a} lost a glove", "the room was cold", "{a} called {b} twice", "lunch ran long", "{a} and {b} laughed")
+FILLER = ("the bus was late", "it rained all day", "{a} waved at {b}", "{a} met {b} for tea",
+          "nothing else happened", "{a} lost a glove", "the room was cold", "{a} called {b} twice",
+          "lunch ran long", "{a} and {b} laughed")
 FACTS, FILLERS = 3, 3
 MAX_NEW_TOKENS, BLOCK_SIZE = 48, 104  # a full copy is 46 tokens with <|end|>; prompts up to 50
 EVAL_SEED = 1357
@@ -124,7 +126,8 @@ def evaluate(player, n=200, keep_games=0):
                                  if " = " not in line) / (n * FILLERS),
               "reward": sum(w * fn(t, ex) for t, ex in zip(texts, examples) for fn, w in zip(fns, weights)) / n}
     if keep_games:
-        result["transcripts"] = [{"prompt": prompt(ex), "completion": t} for ex, t in zip(examples[:keep_games], texts)]
+        result["transcripts"] = [{"prompt": prompt(ex), "completion": t}
+                                 for ex, t in zip(examples[:keep_games], texts)]
     return result
 
 
@@ -151,7 +154,8 @@ def random_summary(example, rng):
     else, the one summary that earns a 3)."""
     facts = [line for line in example["lines"] if " = " in line]
     filler = [line for line in example["lines"] if " = " not in line]
-    kept = set(rng.sample(facts, rng.randint(0, len(facts)))) | set(rng.sample(filler, rng.randint(0, len(filler))))
+    kept = set(rng.sample(facts, rng.randint(0, len(facts))))
+    kept |= set(rng.sample(filler, rng.randint(0, len(filler))))
     return "\n".join(line for line in example["lines"] if line in kept)
 
 
@@ -172,7 +176,8 @@ def train_judge(steps=200, batch_size=64, seed=0, device="cpu"):
         prompts = [enc.encode(judge_prompt(s, ex), allowed_special="all") for s, ex in zip(summaries, examples)]
         tokens, valid = pad_left(prompts, 0, device)
         logits, _ = judge(tokens, valid=valid)
-        target = torch.tensor([grade_tokens[rubric_grade(s, ex)] for s, ex in zip(summaries, examples)], device=device)
+        grades = [rubric_grade(s, ex) for s, ex in zip(summaries, examples)]
+        target = torch.tensor([grade_tokens[g] for g in grades], device=device)
         loss = F.cross_entropy(logits[:, -1], target)
         for group in optimizer.param_groups:
             group["lr"] = 2e-3 * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))

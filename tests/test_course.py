@@ -1,4 +1,4 @@
-"""course.py: lesson 7's three loss mistakes measured against independent computations, and the quick lessons run."""
+"""course.py: lesson 7's three loss mistakes against independent computations; the quick lessons run."""
 
 import math
 
@@ -11,7 +11,7 @@ def test_the_three_loss_mistakes_show_what_they_change():
     f = course.loss_mistakes()
     # (a) against the sampler the ratio is exactly 1, so nothing is clipped; against the reference it is not
     assert f["clip_old"] == 0 and f["clip_ref"] > 0.05 and f["cosine_ref"] < 0.999
-    # (b) shifted log-probs are the ones sampling drew from (recomputed there one step at a time); unshifted are not
+    # (b) shifted log-probs are those sampling drew from (recomputed one step at a time); unshifted are not
     assert f["shift_error"] < 1e-10 and abs(f["logp_unshifted"] - f["logp_sampling"]) > 0.05
     # (c) the population std inflates advantages by sqrt(G / (G - 1)), the closed form
     for G, factor in f["std_inflation"].items():

@@ -1,5 +1,5 @@
-"""LoRA adapters on model.py's GPT: what a fresh adapter changes (nothing), what trains (only the adapter), merging,
-the adapter-off reference, and the errors that name what is wrong."""
+"""LoRA adapters on model.py's GPT: what a fresh adapter changes (nothing), what trains (only the adapter),
+merging, the adapter-off reference, and the errors that name what is wrong."""
 
 import pytest
 import torch

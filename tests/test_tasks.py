@@ -125,11 +125,19 @@ def test_countdown_solver_finds_exactly_the_reachable_values_and_its_expressions
             got, used = evaluate_expression(text)
             assert got == value and sorted(used) == list(numbers), text
     assert countdown.solve((1, 1, 1), 100) is None
+    # four numbers (R1-Zero's harder setting): the classic 24 game, with expressions that check
+    found = countdown.reachable((1, 2, 3, 4))
+    assert 24 in found and 25 in found and 1000 not in found
+    for value, text in found.items():
+        got, used = evaluate_expression(text)
+        assert got == value and sorted(used) == [1, 2, 3, 4], text
+    assert evaluate_expression(countdown.solve((3, 3, 8, 8), 24))[0] == 24  # needs a fraction: 8/(3-8/3)
 
 
 def test_countdown_instances_are_solvable_and_players_bracket_the_task():
     for ex in countdown.training_examples(50, random.Random(0)):
-        assert countdown.TARGET_MIN <= ex["target"] <= countdown.TARGET_MAX and len(ex["numbers"]) == countdown.NUMBERS
+        assert countdown.TARGET_MIN <= ex["target"] <= countdown.TARGET_MAX
+        assert len(ex["numbers"]) == countdown.NUMBERS
         assert countdown.solve(ex["numbers"], ex["target"]) is not None
     players = countdown.reference_players(random.Random(0))
     assert countdown.evaluate(players["solver"], 100)["solved_rate"] == 1.0  # the ceiling
