@@ -350,7 +350,7 @@ def quiz_reward(completion, example):
         quiz [("ana", "pet", "cat"), ("bo", "city", "rome")]: "ana: pet = cat" -> 0.5"""
     if not isinstance(completion, str) or not example["quiz"]:
         return 0.0
-    text = completion[:2000]  # bounded work: a summary is short, and a long one cannot hide its tail here
+    text = completion[:2000]  # bounded work on huge strings: only the first 2,000 characters are read
     return sum(answer_question(text, n, a) == v for n, a, v in example["quiz"]) / len(example["quiz"])
 
 

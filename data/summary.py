@@ -28,8 +28,12 @@ import random
 import sys
 from functools import lru_cache
 
+import torch
+import torch.nn.functional as F
+
 from data.tokenizer import encoding_from_merges, train_bpe
-from rewards import length_penalty, quiz_reward
+from model import GPT, GPTConfig, pad_left
+from rewards import length_penalty, llm_judge, quiz_reward
 
 NAMES = ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "liv", "max", "ned", "oz",
          "pia")
@@ -160,11 +164,8 @@ def random_summary(example, rng):
 
 
 def train_judge(steps=200, batch_size=64, seed=0, device="cpu"):
-    """A 2-layer GPT that reads document + summary and predicts the rubric grade as one token "0".."3"."""
-    import torch
-    import torch.nn.functional as F
-
-    from model import GPT, GPTConfig, pad_left
+    """A 2-layer GPT that reads a summary (JUDGE_RUBRIC) and predicts its rubric grade as one token "0".."3",
+    trained on random mixes of facts and filler; about 10 s on 2 CPU cores."""
     enc, rng = tokenizer(), random.Random(seed)
     grade_tokens = [enc.encode_single_token(str(g).encode()) for g in range(4)]
     torch.manual_seed(seed)
@@ -191,7 +192,6 @@ def train_judge(steps=200, batch_size=64, seed=0, device="cpu"):
 
 
 def judge_reward(judge, grade_tokens):
-    from rewards import llm_judge
     enc = tokenizer()
     return llm_judge(judge, lambda text: enc.encode(text, allowed_special="all"), judge_prompt, grade_tokens)
 
