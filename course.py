@@ -71,15 +71,7 @@ def lesson5():
         print(f"  {name:<6} {R.quiz_reward(text, example):.2f}  {text!r}")
     print("\nAn LLM as the judge: a small GPT trained here on the rubric 'one point per fact kept, minus one per")
     print("filler line', 0..3. The reward is its expected grade over the grade tokens, not parsed text.\n")
-    judge, grade_tokens = summary.train_judge(steps=150)
-    reward = summary.judge_reward(judge, grade_tokens)
-    examples = summary.evaluation_examples(100)
-    print(f"\n  {'player':<6} {'judge':>7} {'rubric':>7}   on 100 held-out documents (both scaled to 0..1)")
-    for name, play in summary.reference_players(random.Random(0)).items():
-        texts = play(examples)
-        judged = sum(reward(texts, examples)) / len(texts)
-        rubric = sum(summary.rubric_grade(t, ex) for t, ex in zip(texts, examples)) / (3 * len(texts))
-        print(f"  {name:<6} {judged:7.3f} {rubric:7.3f}")
+    summary.judge_demo(steps=150, n=100)
 
 
 def lesson6():

@@ -197,30 +197,31 @@ def score(completions, examples, reward_fns, weights=None):
     table = torch.zeros(len(completions), len(reward_fns), dtype=torch.float64)
     for j, fn in enumerate(reward_fns):
         name = getattr(fn, "__name__", repr(fn))
-        batched = getattr(fn, "batched", False)  # e.g. an LLM judge: one call grades the whole batch
-        if batched:
-            try:
-                values = list(fn(completions, examples))
-            except Exception as e:
-                raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+        if getattr(fn, "batched", False):  # e.g. an LLM judge: one call grades the whole batch
+            values = call_reward(name, fn, completions, examples)
             if len(values) != len(completions):
                 raise ValueError(f"reward function {name} returned {len(values)} values for "
                                  f"{len(completions)} completions")
-        for i, (completion, example) in enumerate(zip(completions, examples)):
-            if batched:
-                value = values[i]
-            else:
-                try:
-                    value = fn(completion, example)
-                except Exception as e:
-                    raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e} "
-                                       f"on completion {completion!r}") from e
+        else:
+            values = [call_reward(name, fn, c, ex) for c, ex in zip(completions, examples)]
+        for i, (completion, value) in enumerate(zip(completions, values)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"reward function {name} returned {value!r} (a finite number is required) "
                                  f"on completion {completion!r}")
             table[i, j] = float(value)
     total = table @ torch.tensor(weights, dtype=torch.float64)
     return total.float(), table.float()
+
+
+def call_reward(name, fn, completion, example):
+    """fn(completion, example), or for a batched fn the list it returns for (completions, examples); an
+    exception becomes one that names the function and what it was given."""
+    batched = getattr(fn, "batched", False)
+    try:
+        return list(fn(completion, example)) if batched else fn(completion, example)
+    except Exception as e:
+        given = f"a batch of {len(completion)} completions" if batched else f"completion {completion!r}"
+        raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e} on {given}") from e
 
 
 def reward_names(reward_fns):

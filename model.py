@@ -224,12 +224,15 @@ def adapted_layers(model, mlp):
             yield from (block.mlp.c_fc, block.mlp.c_proj)
 
 
+def check_lora_rank(rank, config):
+    if not 1 <= rank <= config.n_embd:
+        raise ValueError(f"lora_rank={rank} must be between 1 and the layer width n_embd={config.n_embd}")
+
+
 def add_lora(model, rank, alpha=16.0, mlp=False):
     """Freeze every weight of `model` and add rank-`rank` adapters to the attention projections (and the MLP's
     with mlp=True). The config records it, so checkpoints rebuild the same model. Returns the model."""
-    width = model.config.n_embd
-    if not 1 <= rank <= width:
-        raise ValueError(f"lora_rank={rank} must be between 1 and the layer width n_embd={width}")
+    check_lora_rank(rank, model.config)
     if any(layer.lora_A is not None for layer in adapted_layers(model, True)):
         raise ValueError("the model already has LoRA adapters")
     model.requires_grad_(False)
@@ -516,10 +519,11 @@ def load_state_dict_checked(model, state, source="checkpoint"):
              for k in ours if k in state and state[k] is not None and state[k].shape != ours[k].shape]
     problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + wrong)
     if problems:
-        adapters = ({k for k in missing if ".lora_" in k}, {k for k in unexpected if ".lora_" in k})
-        hint = ("\n  (the model has LoRA adapters the checkpoint lacks)" if adapters[0] else "") + \
-            ("\n  (the checkpoint has LoRA adapters the model lacks: build it with the same lora_rank)"
-             if adapters[1] else "")
+        hint = ""
+        if any(".lora_" in k for k in missing):
+            hint += "\n  (the model has LoRA adapters the checkpoint lacks)"
+        if any(".lora_" in k for k in unexpected):
+            hint += "\n  (the checkpoint has LoRA adapters the model lacks: build it with the same lora_rank)"
         raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]) + hint)
     model.load_state_dict(state)
 

@@ -11,6 +11,7 @@ Countdown (a safe arithmetic parser: model output is parsed, never eval'd), the 
 an LLM-as-judge reward (the only batched one: a judge model grades a whole batch in one forward pass).
 """
 
+import operator
 import re
 from collections import Counter
 from fractions import Fraction
@@ -238,6 +239,7 @@ def addition_exact(completion, example):
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 EXPR_TOKEN_RE = re.compile(r"\s*(?:([0-9]+)|([-+*/()]))")
 MAX_EXPR_CHARS, MAX_NUMBER_DIGITS, MAX_DEPTH = 100, 4, 12
+ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
 def parse_answer(completion):
@@ -269,25 +271,19 @@ def evaluate_expression(text):
     def peek():
         return tokens[at] if at < len(tokens) else None
 
-    def expr(depth):
+    def chain(depth, operand, ops):  # operand (op operand)*, left to right: one level of precedence
         nonlocal at
-        value = term(depth)
-        while peek() in ("+", "-"):
+        value = operand(depth)
+        while peek() in ops:
             op, at = tokens[at], at + 1
-            rhs = term(depth)
-            value = value + rhs if op == "+" else value - rhs
+            value = ARITHMETIC[op](value, operand(depth))  # Fraction / 0 raises ZeroDivisionError
         return value
 
+    def expr(depth):
+        return chain(depth, term, ("+", "-"))
+
     def term(depth):
-        nonlocal at
-        value = factor(depth)
-        while peek() in ("*", "/"):
-            op, at = tokens[at], at + 1
-            rhs = factor(depth)
-            if op == "/" and rhs == 0:
-                raise ZeroDivisionError
-            value = value * rhs if op == "*" else value / rhs
-        return value
+        return chain(depth, factor, ("*", "/"))
 
     def factor(depth):
         nonlocal at

@@ -28,9 +28,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import grpo
-from data.tokenizer import gpt2_task_encoding
-from model import (GPT, GPTConfig, add_lora, config_from_dict, load_state_dict_checked, merge_lora, pad_left,
-                   sample, token_logprobs)
+from data.tokenizer import gpt2_encoding
+from model import (GPT, GPTConfig, add_lora, check_lora_rank, config_from_dict, load_state_dict_checked,
+                   merge_lora, pad_left, sample, token_logprobs)
 
 
 def opt(default, help):
@@ -225,17 +225,16 @@ def prepare_out_dir(cfg, rank):
 
 
 def build_model(cfg, vocab_size):
-    """A new GPT, or one loaded from a checkpoint of ours or a GPT-2 directory. Returns (model, GPTConfig)."""
+    """A new GPT, or one loaded from a checkpoint of ours or a GPT-2 directory. Its shape is model.config."""
     if cfg.init_from == "scratch":
-        config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                           n_head=cfg.n_head, n_embd=cfg.n_embd)
-        return GPT(config), config
+        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd))
     if os.path.isdir(cfg.init_from):  # a GPT-2 in the Hugging Face layout; main() gave us its tokenizer
         model = GPT.from_pretrained(cfg.init_from)
         if model.config.vocab_size < vocab_size:
             raise SystemExit(f"error: {cfg.init_from} has {model.config.vocab_size} token embeddings but its "
                              f"tokenizer has {vocab_size} tokens")
-        return model, model.config
+        return model
     ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
     config = config_from_dict(ckpt["model_config"])
     if config.vocab_size != vocab_size:
@@ -245,7 +244,7 @@ def build_model(cfg, vocab_size):
     load_state_dict_checked(model, ckpt["model"], source=cfg.init_from)
     if config.lora_rank:  # a LoRA run's result: fold its adapters in and start from the plain model
         merge_lora(model)
-    return model, config
+    return model
 
 
 def make_optimizer(model, lr, weight_decay):
@@ -271,9 +270,9 @@ def sft_lr(step, total, peak):
 # Checkpoints: atomic, complete enough that a resumed run equals an uninterrupted one
 
 
-def save_checkpoint(path, model, optimizer, model_config, cfg, stage, step, rng, generator):
+def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage, "step": step,
-             "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_config),
+             "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
              "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}}
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -312,9 +311,14 @@ def truncate_logs(out_dir, stage, step):
 # Evaluation: the model as a task player (greedy, as it will be used)
 
 
+def end_and_pad(enc):
+    """The ids of <|end|> (stops a completion) and <|pad|> in the run's tokenizer."""
+    return enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+
+
 def model_player(model, enc, task, max_new_tokens, autocast, temperature=0.0, generator=None):
     """The model as a task player: greedy by default (as it will be used), or sampled at a temperature."""
-    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+    end, pad = end_and_pad(enc)
 
     def play(examples):
         prompts = [enc.encode(task.prompt(ex), allowed_special="all") for ex in examples]
@@ -351,7 +355,7 @@ def evaluate_model(model, enc, task, cfg, autocast):
 
 def sft_batch(pairs, enc, device):
     """Left-padded prompts then right-padded completions + <|end|>, so every completion starts in one column."""
-    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+    end, pad = end_and_pad(enc)
     prompts = [enc.encode(p, allowed_special="all") for p, _ in pairs]
     completions = [enc.encode(c) + [end] for _, c in pairs]
     prompt_tokens, prompt_valid = pad_left(prompts, pad, device)
@@ -406,14 +410,17 @@ def main(argv):
     if sft_player not in task.reference_players():
         raise SystemExit(f"error: --sft_player={sft_player!r} is not one of {', '.join(task.reference_players())}")
     # GPT-2's weights mean GPT-2's token ids, so a loaded GPT-2 reads the task through GPT-2's tokenizer
-    enc = gpt2_task_encoding(cfg.init_from) if os.path.isdir(cfg.init_from) else task.tokenizer()
-    end, pad = enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+    local_gpt2 = os.path.isdir(cfg.init_from)
+    enc = gpt2_encoding(cfg.init_from, task_specials=True) if local_gpt2 else task.tokenizer()
+    end, pad = end_and_pad(enc)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, model_config = build_model(cfg, enc.n_vocab)
-    if cfg.lora_rank > model_config.n_embd:
-        raise SystemExit(f"error: --lora_rank={cfg.lora_rank} is larger than the layer width "
-                         f"n_embd={model_config.n_embd}")
+    model = build_model(cfg, enc.n_vocab)
+    if cfg.lora_rank:
+        try:
+            check_lora_rank(cfg.lora_rank, model.config)  # now, not after the warm start
+        except ValueError as e:
+            raise SystemExit(f"error: --{e}") from None
     if cfg.init_from == "scratch" and hasattr(task, "init_embeddings"):
         task.init_embeddings(model.transformer.wte.weight, enc)  # a task may seed structure into its tokens
     model.to(device)
@@ -426,9 +433,9 @@ def main(argv):
     stage, step = "sft", 0
     if cfg.resume:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["model_config"].get("lora_rank"):  # it stopped in a LoRA stage 2: the adapters come first
-            add_lora(model, ckpt["model_config"]["lora_rank"], ckpt["model_config"]["lora_alpha"],
-                     ckpt["model_config"]["lora_mlp"])
+        saved = ckpt["model_config"]
+        if saved.get("lora_rank"):  # it stopped in a LoRA stage 2: the adapters come first
+            add_lora(model, saved["lora_rank"], saved["lora_alpha"], saved["lora_mlp"])
             optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         stage, step = load_checkpoint(ckpt, ckpt_path, model, optimizer, rng, generator)
         if rank == 0:
@@ -446,7 +453,7 @@ def main(argv):
 
     def checkpoint(stage_, step_):
         if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, model_config, cfg, stage_, step_, rng, generator)
+            save_checkpoint(ckpt_path, model, optimizer, cfg, stage_, step_, rng, generator)
 
     # ---- Stage 1: warm start ------------------------------------------------------------------------------------
     if stage == "sft" and cfg.sft_steps > 0:
@@ -482,7 +489,7 @@ def main(argv):
     warm_path = os.path.join(cfg.out_dir, "warm_start.pt")
     if not resumed_in_grpo:
         if rank == 0:  # the model as stage 1 left it: the KL reference, and for comparisons later
-            torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model_config)},
+            torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)},
                        warm_path + ".tmp")
             os.replace(warm_path + ".tmp", warm_path)
         evals["warm start"] = evaluate_and_log(run, model, enc, task, cfg, autocast, step=0)
@@ -494,7 +501,7 @@ def main(argv):
     if cfg.beta > 0 and cfg.lora_rank:
         reference = model  # grpo_step reads this as "the policy with its adapters off": the warm-start model
     elif cfg.beta > 0:  # the frozen warm-start policy; with beta = 0 no second model exists at all
-        reference = GPT(model_config).to(device).eval().requires_grad_(False)
+        reference = GPT(model.config).to(device).eval().requires_grad_(False)
         load_state_dict_checked(reference, torch.load(warm_path, map_location="cpu", weights_only=True)["model"],
                                 source=warm_path)
     try:

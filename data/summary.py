@@ -122,13 +122,14 @@ def evaluate(player, n=200, keep_games=0):
     summaries repeat (0 for a pure fact summary, 1 for a copy); reward: the task's default total reward."""
     examples = evaluation_examples(n)
     texts = player(examples)
-    fns, weights = reward_functions()
+    quiz = [quiz_reward(t, ex) for t, ex in zip(texts, examples)]
+    (_, penalty), (w_quiz, w_penalty) = reward_functions()
     result = {"games": n,
-              "quiz_score": sum(quiz_reward(t, ex) for t, ex in zip(texts, examples)) / n,
+              "quiz_score": sum(quiz) / n,
               "mean_chars": sum(len(t) for t in texts) / n,
               "filler_rate": sum(line in t for t, ex in zip(texts, examples) for line in ex["lines"]
                                  if " = " not in line) / (n * FILLERS),
-              "reward": sum(w * fn(t, ex) for t, ex in zip(texts, examples) for fn, w in zip(fns, weights)) / n}
+              "reward": sum(w_quiz * q + w_penalty * penalty(t, None) for q, t in zip(quiz, texts)) / n}
     if keep_games:
         result["transcripts"] = [{"prompt": prompt(ex), "completion": t}
                                  for ex, t in zip(examples[:keep_games], texts)]
@@ -196,18 +197,19 @@ def judge_reward(judge, grade_tokens):
     return llm_judge(judge, lambda text: enc.encode(text, allowed_special="all"), judge_prompt, grade_tokens)
 
 
-def judge_demo():
-    """Train the judge, then grade the reference players' summaries of the held-out documents with it."""
-    judge, grade_tokens = train_judge()
+def judge_demo(steps=200, n=200):
+    """Train the judge, then grade the reference players' summaries of n held-out documents with it, beside the
+    rubric it learned and the quiz."""
+    judge, grade_tokens = train_judge(steps)
     reward = judge_reward(judge, grade_tokens)
-    examples = evaluation_examples(200)
-    print(f"{'player':>6} | judge (expected grade / 3) | rubric grade / 3 | quiz")
+    examples = evaluation_examples(n)
+    print(f"\n  {'player':<6} {'judge':>7} {'rubric':>7} {'quiz':>7}   on {n} held-out documents (all scaled to 0..1)")
     for name, player in reference_players(random.Random(0)).items():
         texts = player(examples)
-        judged = sum(reward(texts, examples)) / len(texts)
-        rubric = sum(rubric_grade(t, ex) for t, ex in zip(texts, examples)) / (3 * len(texts))
-        quiz = sum(quiz_reward(t, ex) for t, ex in zip(texts, examples)) / len(texts)
-        print(f"{name:>6} | {judged:26.3f} | {rubric:16.3f} | {quiz:.3f}")
+        judged = sum(reward(texts, examples)) / n
+        rubric = sum(rubric_grade(t, ex) for t, ex in zip(texts, examples)) / (3 * n)
+        quiz = sum(quiz_reward(t, ex) for t, ex in zip(texts, examples)) / n
+        print(f"  {name:<6} {judged:7.3f} {rubric:7.3f} {quiz:7.3f}")
 
 
 if __name__ == "__main__":

@@ -159,9 +159,24 @@ GPT2_FILES = {  # where tiktoken fetches GPT-2's files from; its cache names eac
 }
 
 
-def gpt2_encoding(path=None):
+def gpt2_encoding(path=None, task_specials=False):
     """GPT-2's tokenizer from a directory holding vocab.json (or encoder.json) + merges.txt (or vocab.bpe),
-    as a Hugging Face GPT-2 checkpoint does; without a path, from tiktoken's download cache if present."""
+    as a Hugging Face GPT-2 checkpoint does; without a path, from tiktoken's download cache if present.
+
+    task_specials=True also maps our tasks' <|begin|>, <|end|> and <|pad|> to GPT-2's one special token,
+    <|endoftext|>, which GPT-2 saw between documents and so is its natural start, stop and padding (padding is
+    masked anyway): a loaded GPT-2 can then read any task. Decoding it gives back "<|endoftext|>"."""
+    ranks, eot = gpt2_ranks(path)
+    specials = {"<|endoftext|>": eot, **({s: eot for s in SPECIAL_TOKENS} if task_specials else {})}
+    return tiktoken.Encoding("gpt2-tasks" if task_specials else "gpt2", pat_str=GPT2_PATTERN,
+                             mergeable_ranks=ranks, special_tokens=specials,
+                             # with task_specials four names share one id, so the count check cannot apply
+                             explicit_n_vocab=None if task_specials else len(ranks) + 1)
+
+
+def gpt2_ranks(path=None):
+    """(GPT-2's BPE ranks {bytes: id}, the id of <|endoftext|>) from `path`, else tiktoken's cache; never
+    downloaded."""
     if path is not None:
         for vocab_name in ("vocab.json", "encoder.json"):
             vocab_file = os.path.join(path, vocab_name)
@@ -170,9 +185,7 @@ def gpt2_encoding(path=None):
                     vocab = json.load(f)
                 # GPT-2's ids double as BPE ranks: a merged token always has a larger id than its parts.
                 ranks = {from_readable(tok): i for tok, i in vocab.items() if tok != "<|endoftext|>"}
-                eot = vocab.get("<|endoftext|>", len(ranks))
-                return tiktoken.Encoding("gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                         special_tokens={"<|endoftext|>": eot}, explicit_n_vocab=len(ranks) + 1)
+                return ranks, vocab.get("<|endoftext|>", len(ranks))
         raise FileNotFoundError(f"{path}: no vocab.json or encoder.json, so GPT-2's tokenizer cannot be built "
                                 f"offline; copy them from the checkpoint's source next to config.json")
     cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
@@ -185,15 +198,4 @@ def gpt2_encoding(path=None):
     # Read the cached files by path: tiktoken.get_encoding would try to download whatever it cannot find.
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=files["vocab.bpe"],
                                                           encoder_json_file=files["encoder.json"])
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": len(ranks)}, explicit_n_vocab=len(ranks) + 1)
-
-
-def gpt2_task_encoding(path):
-    """GPT-2's tokenizer for our tasks, whose prompts use <|begin|>, <|end|> and <|pad|>: all three become GPT-2's
-    one special token, <|endoftext|>, which GPT-2 saw between documents and so is its natural start, stop and
-    padding (padding is masked anyway). Decoding it gives back "<|endoftext|>"."""
-    base = gpt2_encoding(path)
-    eot = base.eot_token
-    return tiktoken.Encoding(f"{base.name}-tasks", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
-                             special_tokens={"<|endoftext|>": eot, **{s: eot for s in SPECIAL_TOKENS}})
+    return ranks, len(ranks)

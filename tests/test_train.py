@@ -183,7 +183,7 @@ def test_a_lora_run_stopped_mid_grpo_resumes_to_the_uninterrupted_result(tmp_pat
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-@pytest.mark.parametrize("flag,message", [("--lora_rank=33", "larger than the layer width n_embd=32"),
+@pytest.mark.parametrize("flag,message", [("--lora_rank=33", "must be between 1 and the layer width n_embd=32"),
                                           ("--lora_rank=-1", "lora_rank cannot be negative")])
 def test_bad_lora_ranks_stop_before_any_work(tmp_path, flag, message):
     with pytest.raises(SystemExit, match=message):
