@@ -8,7 +8,8 @@ Benchmarks of the things GRPO spends its time and memory on. Prints a table, the
 Sections:
   peak      float32 (or --dtype) matmul FLOP/s of large square matrices: the machine's practical peak.
   sample    new tokens/s: KV cache vs no cache, 8 prompts x 8 samples (16-token prompts, 64 new tokens), and
-            64 prompts x 64 new tokens beside transformers' GPT2LMHeadModel.generate when it is installed.
+            64 prompts x 64 new tokens beside transformers' GPT2LMHeadModel.generate when it is installed, and
+            the same decode's linear layers alone (`matmul_floor`): what no sampler of these weights can beat.
   train     forward+backward tokens/s on 32 x 128 tokens, and its FLOP/s as a share of `peak` (MFU); the same
             for GPT2LMHeadModel when transformers is installed.
   logprobs  peak memory and time of token log-probs (forward+backward) at GPT-2's vocab of 50257, 16 x 256
@@ -124,6 +125,8 @@ def bench_sample(model, device, repeats, quick):
     out["sample_8x8_nocache_tok_s"] = 64 * new / secs
     secs = timed(lambda: sample(model, prompts64, max_new_tokens=64, generator=g), device, repeats)
     out["sample_64x1_cache_tok_s"] = 64 * 64 / secs
+    secs = timed(lambda: decode_matmuls(model, rows=64, steps=64), device, repeats)
+    out["sample_64x1_matmul_floor_tok_s"] = 64 * 64 / secs
     hf = hf_model(model.config, device)
     if hf is not None:
         x = torch.tensor(prompts64, device=device)
@@ -132,6 +135,18 @@ def bench_sample(model, device, repeats, quick):
                                              min_new_tokens=64, pad_token_id=0), device, repeats)
         out["hf_generate_64x1_tok_s"] = 64 * 64 / secs
     return out
+
+
+@torch.no_grad()
+def decode_matmuls(model, rows, steps):
+    """The decode's linear layers alone, once per step on `rows` rows, nothing else: no attention, no cache, no
+    sampling. Its throughput is a ceiling for any sampler running these weights with these matmuls."""
+    device, C = model.lm_head.weight.device, model.config.n_embd
+    inputs = {C: torch.randn(rows, C, device=device), 4 * C: torch.randn(rows, 4 * C, device=device)}
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # lm_head included
+    for _ in range(steps):
+        for layer in layers:
+            layer(inputs[layer.in_features])
 
 
 def bench_train(model, device, dtype, peak, repeats):
@@ -311,6 +326,8 @@ def main():
         results["sample_cache_speedup"] = results["sample_8x8_cache_tok_s"] / results["sample_8x8_nocache_tok_s"]
     if "hf_generate_64x1_tok_s" in results:
         results["sample_vs_hf_generate"] = results["sample_64x1_cache_tok_s"] / results["hf_generate_64x1_tok_s"]
+        results["matmul_floor_vs_hf_generate"] = (results["sample_64x1_matmul_floor_tok_s"] /
+                                                  results["hf_generate_64x1_tok_s"])
     width = max(len(k) for k in results)
     for k, v in results.items():
         print(f"{k:<{width}}  {v:,.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")

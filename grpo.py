@@ -363,9 +363,10 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
     steps_per_rollout = config.num_iterations * len(minibatches)
 
     def logprobs(model, rows, with_entropy=False):
+        # Minibatches of whole groups run each prompt once per group (model.grouped_hidden_states).
         return token_logprobs(model, samples.tokens[rows], samples.prompt_len, valid=samples.valid[rows],
                               temperature=config.temperature, chunk_size=config.logprob_chunk,
-                              with_entropy=with_entropy)
+                              with_entropy=with_entropy, group_size=G if mb % G == 0 else 1)
 
     # 3. Old log-probs (pi_old) only when the policy moves before the last use of this rollout; reference
     #    log-probs only when there is a KL term. Neither needs gradients.

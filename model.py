@@ -105,24 +105,32 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions. `length` positions are filled."""
+    """Keys and values of every layer; `length` positions are filled. With max_len they are preallocated and
+    written in place (sampling, under no_grad). Without, each update concatenates: slower, but autograd can
+    differentiate through it, which lets a training pass run a group's shared prompt once (token_logprobs)."""
 
-    def __init__(self, n_layer, max_len):
-        self.n_layer, self.max_len, self.length, self.k, self.v = n_layer, max_len, 0, None, None
+    def __init__(self, n_layer, max_len=None):
+        self.max_len, self.length = max_len, 0
+        self.k, self.v = [None] * n_layer, [None] * n_layer
 
-    def update(self, layer, k, v):  # k, v: (B, nh, T, hs) of the new tokens
-        if self.k is None:
-            self.k = k.new_empty(self.n_layer, k.size(0), k.size(1), self.max_len, k.size(3))
-            self.v = torch.empty_like(self.k)
+    def update(self, layer, k, v):  # k, v: (B, nh, T, hs) of the new tokens -> all so far (B, nh, past + T, hs)
+        if self.max_len is None:
+            if self.k[layer] is not None:
+                k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(k.size(0), k.size(1), self.max_len, k.size(3))
+            self.v[layer] = torch.empty_like(self.k[layer])
         end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def repeat_rows(self, n):
         """Row i becomes rows i*n .. i*n+n-1: a prompt prefilled once serves its whole group."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
 
 
 @dataclass
@@ -429,20 +437,51 @@ def logprobs_from_hidden(h, weight, target, temperature=1.0, chunk_size=512, wit
     return logp, entropy if with_entropy else None
 
 
-def token_logprobs(model, tokens, start, *, valid=None, temperature=1.0, chunk_size=512, with_entropy=False):
+def token_logprobs(model, tokens, start, *, valid=None, temperature=1.0, chunk_size=512, with_entropy=False,
+                   group_size=1):
     """log pi(tokens[:, t] | tokens[:, :t]) for every t >= start, as (B, T - start) float32.
 
     The logit at position t-1 scores token t (the shift by one). Logits are divided by the sampling temperature,
-    so these are the log-probs of the distribution the tokens were actually drawn from."""
+    so these are the log-probs of the distribution the tokens were actually drawn from. group_size > 1: rows come
+    in groups that share their first `start` tokens (a GRPO rollout), and each prompt runs once per group."""
     if temperature <= 0:
         temperature = 1.0  # greedy decoding has no temperature; score under the model itself
     B, T = tokens.shape
-    h = model.hidden_states(tokens, valid)[:, start - 1:-1]  # (B, T - start, C): positions that predict
+    if group_size > 1 and T - start > 1:
+        h = grouped_hidden_states(model, tokens, start, valid, group_size)
+    else:
+        h = model.hidden_states(tokens, valid)[:, start - 1:-1]  # (B, T - start, C): positions that predict
     target = tokens[:, start:]
     logp, entropy = logprobs_from_hidden(h.reshape(-1, h.size(-1)), model.lm_head.weight, target.reshape(-1),
                                          temperature, chunk_size, with_entropy)
     logp = logp.view(B, T - start)
     return (logp, entropy.view(B, T - start)) if with_entropy else logp
+
+
+def grouped_hidden_states(model, tokens, start, valid, group_size):
+    """model.hidden_states(tokens, valid)[:, start - 1:-1], with each group's shared prompt computed once.
+
+    A GRPO batch holds group_size copies of every prompt: the prompt runs once, its keys and values are repeated
+    for the group (a differentiable KVCache), and the completions attend to them. Backward sums the group's
+    gradients into the one prompt pass, so values and gradients are those of the plain pass, while a
+    (group_size - 1) / group_size share of the prompt's compute is skipped."""
+    B, T = tokens.shape
+    G = group_size
+    if B % G:
+        raise ValueError(f"{B} rows do not split into groups of {G}")
+    prompts = tokens[::G, :start]  # (B / G, start)
+    prompt_valid = valid[::G, :start] if valid is not None else None
+    same = tokens[:, :start].view(B // G, G, start) == prompts[:, None]
+    if valid is not None:
+        same = same & (valid[:, :start].view(B // G, G, start) == prompt_valid[:, None])
+    if not bool(same.all()):
+        raise ValueError(f"the rows of a group of {G} do not share their first {start} tokens")
+    cache = KVCache(model.config.n_layer)
+    h_prompt = model.hidden_states(prompts, prompt_valid, cache)[:, -1:]  # (B / G, 1, C): predicts token `start`
+    cache.repeat_rows(G)
+    # The completion's last token predicts nothing, so it never enters: inputs are tokens[start : T - 1].
+    h_rest = model.hidden_states(tokens[:, start:-1], valid[:, :-1] if valid is not None else None, cache)
+    return torch.cat([h_prompt.repeat_interleave(G, 0), h_rest], 1)  # (B, T - start, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -56,12 +56,12 @@ class TrainConfig:
     n_embd: int = opt(128, "model width")
     block_size: int = opt(0, "context length, tokens; 0 = the task's BLOCK_SIZE")
     # stage 1: supervised warm start
-    sft_steps: int = opt(150, "warm-start optimizer steps (0 skips the stage)")
+    sft_steps: int = opt(1500, "warm-start optimizer steps (0 skips the stage)")
     sft_batch_size: int = opt(64, "demonstrations per warm-start step")
     sft_lr: float = opt(3e-3, "warm-start peak learning rate (warmup, then cosine to 10%)")
     sft_player: str = opt("", "reference player whose games are the demonstrations; empty = the task's default")
     # stage 2: GRPO
-    grpo_steps: int = opt(600, "GRPO iterations (0 skips the stage)")
+    grpo_steps: int = opt(300, "GRPO iterations (0 skips the stage)")
     prompts_per_step: int = opt(16, "prompts per GRPO step (split across processes)")
     group_size: int = opt(8, "completions sampled per prompt")
     num_iterations: int = opt(2, "optimizer passes over each rollout batch (>1 makes the clip act)")

@@ -125,6 +125,36 @@ def test_chunked_logprobs_match_naive_values_and_gradients(chunk_size):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, [[1, 2, 3], [4, 5, 6]]], ids=["left-padded", "same-length"])
+def test_group_shared_prompt_gives_the_plain_values_and_gradients(prompts):
+    # Each prompt runs once per group (grouped_hidden_states); the naive full pass over every row is the check.
+    model = tiny_gpt()
+    s = sample(model, prompts, max_new_tokens=6, group_size=3, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(s.completion.shape, dtype=torch.float64)
+    results = []
+    for group_size in (3, 1):
+        model.zero_grad()
+        logp = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.8, group_size=group_size)
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lp_shared, g_shared), (lp_plain, g_plain) = results
+    expected, _ = naive_logprobs(model, s.tokens, s.prompt_len, s.valid, 0.8)
+    torch.testing.assert_close(lp_shared, expected.detach().double(), rtol=0, atol=1e-6)  # naive is float32
+    torch.testing.assert_close(lp_shared, lp_plain, rtol=0, atol=1e-10)
+    for a, b in zip(g_shared, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_group_shared_prompt_refuses_rows_that_do_not_share_it():
+    model = tiny_gpt()
+    tokens = torch.tensor([[1, 2, 3, 4, 4], [1, 2, 3, 5, 5], [1, 7, 3, 4, 4], [1, 2, 3, 4, 4]])
+    token_logprobs(model, tokens[:2], 3, group_size=2)  # one group, one shared prompt: fine
+    with pytest.raises(ValueError, match="do not share their first 3 tokens"):
+        token_logprobs(model, tokens, 3, group_size=2)
+    with pytest.raises(ValueError, match="groups of 3"):
+        token_logprobs(model, tokens, 3, group_size=3)
+
+
 def test_logprobs_score_each_token_by_the_previous_position():
     # Independent check of the shift: log p(token t) computed by running the prefix alone, one token at a time.
     model = tiny_gpt()
