@@ -15,7 +15,8 @@ Sections:
   logprobs  peak memory and time of token log-probs (forward+backward) at GPT-2's vocab of 50257, 16 x 256
             tokens: chunked (model.logprobs_from_hidden) vs the naive log_softmax + gather.
   grpo      seconds per whole grpo.grpo_step, 8 prompts x 8 samples x exactly 64 new tokens, beta 0 and 0.04,
-            split into sampling and learning.
+            split into sampling and learning; and the learning pass's forward+backward with each group's shared
+            prompt run once (learn_pass_group8) or once per row (learn_pass_group1).
   trl       the same step with TRL's GRPOTrainer beside it, when trl is installed (a dev-only extra).
 
 Throughput on shared CPUs wanders by tens of percent between runs: compare figures from the same run only.
@@ -23,6 +24,7 @@ transformers is optional and used here only, to compare with the library most pe
 """
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -31,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, logprobs_from_hidden, sample
+from model import GPT, GPTConfig, logprobs_from_hidden, sample, token_logprobs
 
 REFERENCE = GPTConfig(block_size=256, vocab_size=512, n_layer=6, n_head=6, n_embd=384)
 
@@ -233,6 +235,16 @@ def bench_grpo(model, device, repeats):
         best = min(times[1:], key=sum)
         key = f"grpo_beta{beta:g}"
         out[f"{key}_step_s"], out[f"{key}_sample_s"], out[f"{key}_learn_s"] = sum(best), best[0], best[1]
+
+    # The learning pass's forward+backward over one rollout, each group's prompt run once (as grpo_step does)
+    # or once per row: what model.grouped_hidden_states saves.
+    rollout = sample(model, prompts, group_size=8, max_new_tokens=64, generator=g)
+    def learn(group_size):
+        token_logprobs(model, rollout.tokens, rollout.prompt_len, group_size=group_size).sum().backward()
+
+    for group_size in (8, 1):
+        out[f"learn_pass_group{group_size}_s"] = timed(functools.partial(learn, group_size), device, repeats)
+    model.zero_grad(set_to_none=True)
     return out
 
 

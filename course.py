@@ -83,8 +83,9 @@ def lesson6():
         print(f"{name:<8}{r['quiz_score']:7.3f}{r['mean_chars']:8.1f}{r['quiz_score']:12.3f}{r['reward']:24.3f}")
     print(f"\nThe penalty ({fns[1].__name__}: -{summary.PER_CHAR} a character past {summary.SUMMARY_CHARS}) makes"
           " the copy worthless\nand the fact summary best. experiments/summary.md trains both ways with GRPO:")
-    print("  python train.py --task=summary --reward_weights=1,0    # the hack: reward and length rise together")
-    print("  python train.py --task=summary                         # with the penalty: concise")
+    steps = "--task=summary --sft_steps=400 --grpo_steps=200"
+    print(f"  python train.py {steps} --reward_weights=1,0    # the hack: reward and length rise together")
+    print(f"  python train.py {steps}                         # with the penalty: concise")
     example = wordle.make_example("moist", [("crane", R.wordle_feedback("crane", "moist"))])
     print("\nWordle has its hack too: repeating a valid guess earns the format reward but tells nothing, so")
     print(f"wordle_feedback_use gives it {R.wordle_feedback_use('<guess>crane</guess>', example)}.")

@@ -3,7 +3,7 @@ Train a small GPT with GRPO, end to end: a supervised warm start on a task's dem
 rewards alone, with held-out evaluations before, during and after.
 
     python train.py                                   # the default run: addition, CPU-sized, a few minutes
-    python train.py --task=wordle --sft_steps=1500    # any config field is a flag; --help lists them all
+    python train.py --task=countdown --group_size=4   # any config field is a flag; --help lists them all
     python train.py --resume                          # continue a killed run from its last checkpoint
     torchrun --nproc_per_node=2 train.py              # data parallel: prompts split across processes
 

@@ -2,11 +2,11 @@
 Plots and tables from run folders (matplotlib is an optional extra: train.py never needs it).
 
     python experiments/plot.py curves OUT.png RUN [RUN ...]          # GRPO reward and eval curves of runs
-    python experiments/plot.py ablation OUT.png OUT.md RUN [RUN ...]  # final eval by config, mean and spread
+    python experiments/plot.py ablation OUT.png OUT.md RUN [RUN ...]  # final eval by setting, mean and spread
     python experiments/plot.py hacking OUT.png RUN [RUN ...]         # summary runs: quiz reward and length
 
 Runs are grouped by their config.json minus the seed, so seeds of one setting become one line of the table
-(mean, standard deviation, min and max) and one band in the plot.
+(mean, standard deviation, min and max) and one colour in the plot.
 """
 
 import json
@@ -68,32 +68,38 @@ def ablation(out_png, out_md, runs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    loaded = [load(run) for run in runs]
+    # The knobs are the config fields that differ between runs, the seed aside.
+    knobs = sorted(k for k in loaded[0][0] if k not in ("seed", "out_dir")
+                   and len({json.dumps(config.get(k)) for config, _ in loaded}) > 1)
     groups = {}
-    for run in runs:
-        config, records = load(run)
-        knobs = (config["loss_type"], config["beta"])
-        final = [r for r in records if r["stage"] == "eval"][-1]
-        first = [r for r in records if r["stage"] == "eval"][0]
-        groups.setdefault(knobs, []).append((config["seed"], first, final, records))
-    lines = ["| loss_type | beta | seeds | exact before | exact after: mean ± std (min..max) | digit score after |",
-             "|---|---|---|---|---|---|"]
+    for config, records in loaded:
+        evals = [r for r in records if r["stage"] == "eval"]
+        groups.setdefault(tuple(config[k] for k in knobs), []).append((config["seed"], evals[0], evals[-1], records))
+    first_eval = next(iter(groups.values()))[0][1]
+    metrics = [k for k, v in first_eval.items()
+               if isinstance(v, float) and not k.startswith("sampled_") and k not in ("games", "step")]
+    lines = ["| " + " | ".join(knobs) + " | seeds | " +
+             " | ".join(f"{m}: before -> after, mean ± std (min..max)" for m in metrics) + " |",
+             "|" + "---|" * (len(knobs) + 1 + len(metrics))]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (loss_type, beta), items in sorted(groups.items()):
-        after = [f["exact_rate"] for _, _, f, _ in items]
-        digits = [f["digit_score"] for _, _, f, _ in items]
-        before = items[0][1]["exact_rate"]
-        sd = statistics.stdev(after) if len(after) > 1 else 0.0
-        lines.append(f"| {loss_type} | {beta:g} | {len(items)} | {before:.3f} | {statistics.mean(after):.3f} ± {sd:.3f} "
-                     f"({min(after):.3f}..{max(after):.3f}) | {statistics.mean(digits):.3f} |")
-        for seed, _, _, records in items:
+    for color, (setting, items) in enumerate(sorted(groups.items())):
+        cells = []
+        for m in metrics:
+            after = [final[m] for _, _, final, _ in items]
+            sd = statistics.stdev(after) if len(after) > 1 else 0.0
+            cells.append(f"{items[0][1][m]:.3f} -> {statistics.mean(after):.3f} ± {sd:.3f} "
+                         f"({min(after):.3f}..{max(after):.3f})")
+        name = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in zip(knobs, setting))
+        lines.append("| " + " | ".join(str(v) for v in setting) + f" | {len(items)} | " + " | ".join(cells) + " |")
+        for i, (seed, _, _, records) in enumerate(items):
             grpo = [r for r in records if r["stage"] == "grpo"]
             ax.plot([r["step"] for r in grpo], smooth([r["reward_mean"] for r in grpo], 30), alpha=0.7,
-                    label=f"{loss_type}, beta {beta:g}, seed {seed}",
-                    color={("grpo", 0.0): "C0", ("grpo", 0.04): "C1", ("dr_grpo", 0.0): "C2",
-                           ("dr_grpo", 0.04): "C3"}.get((loss_type, beta), "C4"))
-    ax.set(title="GRPO reward by loss type and KL beta (30-step average)", xlabel="GRPO step", ylabel="reward")
+                    color=f"C{color}", label=name if i == 0 else None)
+    ax.set(title="GRPO reward by setting, one line per seed (30-step average)", xlabel="GRPO step",
+           ylabel="reward")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     with open(out_md, "w") as f:
