@@ -239,6 +239,7 @@ def bench_grpo(model, device, repeats):
     # The learning pass's forward+backward over one rollout, each group's prompt run once (as grpo_step does)
     # or once per row: what model.grouped_hidden_states saves.
     rollout = sample(model, prompts, group_size=8, max_new_tokens=64, generator=g)
+
     def learn(group_size):
         token_logprobs(model, rollout.tokens, rollout.prompt_len, group_size=group_size).sum().backward()
 

@@ -5,7 +5,7 @@ Plots and tables from run folders (matplotlib is an optional extra: train.py nev
     python experiments/plot.py ablation OUT.png OUT.md RUN [RUN ...]  # final eval by setting, mean and spread
     python experiments/plot.py hacking OUT.png RUN [RUN ...]         # summary runs: quiz reward and length
 
-Runs are grouped by their config.json minus the seed, so seeds of one setting become one line of the table
+Runs are grouped by their config.json minus the seed and run folder, so seeds of one setting become one line of the table
 (mean, standard deviation, min and max) and one colour in the plot.
 """
 

@@ -88,6 +88,24 @@ def test_addition_task_players_and_tokenizer():
     assert all(p.endswith("=") and c.isdigit() for p, c in pairs)
 
 
+def test_addition_carry_slip_counts_the_carry_free_answer():
+    def carries(a, b):  # column by column, independently of sum_without_carry
+        return any(int(x) + int(y) >= 10 for x, y in zip(str(a).zfill(4)[::-1], str(b).zfill(4)[::-1]))
+
+    examples = addition.evaluation_examples(200)
+    assert [addition.needs_carry(ex["a"], ex["b"]) for ex in examples] == [carries(ex["a"], ex["b"]) for ex in examples]
+    assert addition.sum_without_carry(58, 67) == 15
+    share_without = sum(not carries(ex["a"], ex["b"]) for ex in examples) / 200
+
+    def slip_always(exs):
+        return [str(addition.sum_without_carry(ex["a"], ex["b"])) for ex in exs]
+
+    slipping = addition.evaluate(slip_always, 200)
+    assert slipping["carry_slip_rate"] == 1.0 and slipping["exact_rate"] == share_without
+    assert addition.evaluate(addition.reference_players()["oracle"], 200)["carry_slip_rate"] == 0.0
+    assert 0.3 < addition.evaluate(addition.reference_players(random.Random(0))["sloppy"], 200)["carry_slip_rate"] < 0.7
+
+
 @pytest.mark.parametrize("task", [wordle, addition, countdown, summary])
 def test_tasks_share_one_interface(task):
     for name in ("tokenizer", "training_examples", "prompt", "demonstrations", "reward_functions", "evaluate",
