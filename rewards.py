@@ -375,8 +375,10 @@ def llm_judge(judge, encode, make_prompt, grade_tokens, batch_size=64, name="llm
         scores = []
         for i in range(0, len(prompts), batch_size):
             tokens, valid = pad_left(prompts[i:i + batch_size], 0, device)
-            logits, _ = judge(tokens, valid=valid)
-            last = logits[:, -1, grade_ids.to(device)].double()  # left padding: the last column is real
+            # Only the last position's logits are needed (left padding: the last column is real), so the
+            # vocabulary projection runs on it alone, not on every position (B x T x 50257 for GPT-2).
+            h = judge.hidden_states(tokens, valid)[:, -1]  # (B, C)
+            last = judge.lm_head(h)[:, grade_ids.to(device)].double()
             scores += (last.softmax(-1).cpu() @ grades).tolist()
         return scores
     reward.__name__, reward.batched = name, True

@@ -274,9 +274,12 @@ def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage, "step": step,
              "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
              "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    atomic_save(state, path)
+
+
+def atomic_save(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file intact
 
 
 def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
@@ -489,9 +492,7 @@ def main(argv):
     warm_path = os.path.join(cfg.out_dir, "warm_start.pt")
     if not resumed_in_grpo:
         if rank == 0:  # the model as stage 1 left it: the KL reference, and for comparisons later
-            torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)},
-                       warm_path + ".tmp")
-            os.replace(warm_path + ".tmp", warm_path)
+            atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, warm_path)
         evals["warm start"] = evaluate_and_log(run, model, enc, task, cfg, autocast, step=0)
         if cfg.lora_rank:  # from here on only the adapters train
             add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)
@@ -537,8 +538,7 @@ def main(argv):
                                      autocast=autocast)
         except FloatingPointError as e:  # raised before the optimizer step: the weights are still good
             raise SystemExit(f"error: stopped at GRPO step {step}: {e}. The last good checkpoint is {ckpt_path}")
-        metrics = average_across_ranks(metrics)
-        m = metrics
+        m = average_across_ranks(metrics)
         log(run, {"stage": "grpo", "step": step, **m, "time_s": time.time() - t0},
             f"step {step:4d} | reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f} | "
             f"zero-std {m['zero_std_frac']:.2f} | clip {m.get('clip_low_frac', 0) + m.get('clip_high_frac', 0):.3f} | "

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data.addition as task  # noqa: E402
 from model import GPT, config_from_dict  # noqa: E402
+from rewards import addition_exact  # noqa: E402
 from train import model_player  # noqa: E402
 
 examples = task.evaluation_examples(1000)
@@ -25,7 +26,7 @@ for path in sys.argv[1:]:
     model = GPT(config_from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     answers = model_player(model, task.tokenizer(), task, task.MAX_NEW_TOKENS, nullcontext())(examples)
-    right = [a.strip() == str(ex["a"] + ex["b"]) for a, ex in zip(answers, examples)]
+    right = [addition_exact(a, ex) == 1.0 for a, ex in zip(answers, examples)]
     slip = [a.strip() == str(task.sum_without_carry(ex["a"], ex["b"])) for a, ex in zip(answers, examples)]
 
     def rate(values, want_carry):
