@@ -212,7 +212,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # autocast runs cross_entropy (log_softmax inside) in float32 even when the logits are bf16
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     @classmethod
@@ -390,22 +390,28 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
 
     The backward recomputes each chunk's logits instead of saving them: memory is O(chunk * V), not O(N * V).
     d logp / d logits = (onehot(target) - softmax(logits)) / temperature. Entropy rides along when asked
-    for (one more pass over each chunk), without grad; otherwise an empty tensor comes back in its place."""
+    for (one more pass over each chunk), without grad; otherwise an empty tensor comes back in its place.
+
+    The logits are float32 in forward and backward alike, with autocast off inside: the backward subtracts the
+    forward's logsumexp from its recomputed logits, so both must be the same numbers. (bf16 logits once and
+    float32 the other time make a "softmax" that does not sum to 1: at GPT-2's logit scale, near -90, the
+    gradient was wrong by 100%.) float64 inputs stay float64."""
 
     @staticmethod
     def forward(ctx, h, weight, target, temperature, chunk, with_entropy):  # h (N, C), weight (V, C), target (N,)
-        w = weight.to(h.dtype)
-        acc = torch.promote_types(h.dtype, torch.float32)  # float32 softmax even under bf16 autocast
+        acc = torch.promote_types(h.dtype, torch.float32)
+        w = weight.to(acc)
         logp = torch.empty(h.size(0), device=h.device, dtype=acc)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
-        for i in range(0, h.size(0), chunk):
-            logits = (h[i:i + chunk] @ w.t()).to(acc) / temperature  # (chunk, V)
-            lse[i:i + chunk] = logits.logsumexp(-1)
-            logp[i:i + chunk] = logits.gather(1, target[i:i + chunk, None]).squeeze(1) - lse[i:i + chunk]
-            if with_entropy:
-                probs = (logits - lse[i:i + chunk, None]).exp_()
-                entropy[i:i + chunk] = lse[i:i + chunk] - (probs * logits).sum(-1)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.size(0), chunk):
+                logits = (h[i:i + chunk].to(acc) @ w.t()) / temperature  # (chunk, V)
+                lse[i:i + chunk] = logits.logsumexp(-1)
+                logp[i:i + chunk] = logits.gather(1, target[i:i + chunk, None]).squeeze(1) - lse[i:i + chunk]
+                if with_entropy:
+                    probs = (logits - lse[i:i + chunk, None]).exp_()
+                    entropy[i:i + chunk] = lse[i:i + chunk] - (probs * logits).sum(-1)
         ctx.save_for_backward(h, weight, target, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.mark_non_differentiable(entropy)
@@ -415,19 +421,20 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         h, weight, target, lse = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
-        w = weight.to(h.dtype)
-        acc = torch.promote_types(h.dtype, torch.float32)
+        acc = lse.dtype
+        w = weight.to(acc)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc)
-        for i in range(0, h.size(0), chunk):
-            hc = h[i:i + chunk]
-            logits = (hc @ w.t()).to(acc) / T
-            grad_logits = logits.sub_(lse[i:i + chunk, None]).exp_().neg_()  # -softmax, in place: one buffer
-            grad_logits.scatter_add_(1, target[i:i + chunk, None], torch.ones_like(grad_logits[:, :1]))
-            grad_logits *= grad_logp[i:i + chunk, None] / T  # (chunk, V)
-            if grad_h is not None:
-                grad_h[i:i + chunk] = (grad_logits.to(h.dtype) @ w).to(h.dtype)
-            grad_w += grad_logits.t() @ hc.to(acc)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.size(0), chunk):
+                hc = h[i:i + chunk].to(acc)
+                logits = (hc @ w.t()) / T  # exactly the forward's logits
+                grad_logits = logits.sub_(lse[i:i + chunk, None]).exp_().neg_()  # -softmax, in place: one buffer
+                grad_logits.scatter_add_(1, target[i:i + chunk, None], torch.ones_like(grad_logits[:, :1]))
+                grad_logits *= grad_logp[i:i + chunk, None].to(acc) / T  # (chunk, V)
+                if grad_h is not None:
+                    grad_h[i:i + chunk] = (grad_logits @ w).to(h.dtype)
+                grad_w += grad_logits.t() @ hc
         return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import grpo
 from data.tokenizer import gpt2_encoding
 from model import (GPT, GPTConfig, add_lora, check_lora_rank, config_from_dict, load_state_dict_checked,
-                   merge_lora, pad_left, sample, token_logprobs)
+                   merge_lora, pad_left, sample)
 
 
 def opt(default, help):
@@ -75,7 +75,6 @@ class TrainConfig:
     scale_rewards: str = opt("group", "group, batch or none (Dr. GRPO): advantage scaling")
     importance_level: str = opt("token", "token, or sequence (GSPO)")
     temperature: float = opt(1.0, "sampling temperature during GRPO")
-    top_k: int = opt(0, "top-k sampling during GRPO; 0 = off")
     max_new_tokens: int = opt(0, "completion length cap, tokens; 0 = the task's MAX_NEW_TOKENS")
     reward_weights: str = opt("", "comma-separated weights, one per task reward; empty = the task's defaults")
     max_grad_norm: float = opt(1.0, "gradient clipping; 0 = off")
@@ -148,9 +147,13 @@ TASKS = ("addition", "wordle", "countdown", "summary")
 
 
 def check_config(cfg):
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; checked before any process group exists
     checks = [(cfg.task in TASKS, f"task must be one of {', '.join(TASKS)}"),
               (cfg.group_size >= 1, "group_size must be at least 1"),
               (cfg.prompts_per_step >= 1, "prompts_per_step must be at least 1"),
+              (cfg.prompts_per_step % world == 0 and cfg.sft_batch_size % world == 0,
+               f"prompts_per_step and sft_batch_size must be multiples of the {world} processes (each process "
+               f"takes an equal share)"),
               (cfg.sft_steps >= 0 and cfg.grpo_steps >= 0, "step counts cannot be negative"),
               (cfg.max_new_tokens >= 0 and cfg.block_size >= 0, "sizes cannot be negative"),
               (cfg.temperature > 0, "temperature must be positive during GRPO"),
@@ -271,10 +274,17 @@ def sft_lr(step, total, peak):
 
 
 def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage, "step": step,
-             "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
-             "rng": {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}}
-    atomic_save(state, path)
+    """Called on every process: each one's random streams are saved (rank r resumes stream r), by rank 0."""
+    streams = {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state().cpu()}
+    every_rank = [streams]
+    if dist.is_initialized():
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, streams)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage, "step": step,
+                 "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
+                 "rng": every_rank}
+        atomic_save(state, path)
 
 
 def atomic_save(obj, path):
@@ -283,12 +293,18 @@ def atomic_save(obj, path):
 
 
 def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(ckpt["rng"]) != world:
+        raise SystemExit(f"error: {path} was written by {len(ckpt['rng'])} processes; resume it with as many "
+                         f"(this run has {world}), so that each one continues its own random streams")
     load_state_dict_checked(model, ckpt["model"], source=path)
     optimizer.load_state_dict(ckpt["optimizer"])
-    py = ckpt["rng"]["python"]
+    streams = ckpt["rng"][rank]
+    py = streams["python"]
     rng.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    generator.set_state(ckpt["rng"]["generator"])
+    torch.set_rng_state(streams["torch"])
+    generator.set_state(streams["generator"].to(generator.device) if generator.device.type != "cpu"
+                        else streams["generator"])
     return ckpt["stage"], ckpt["step"]
 
 
@@ -390,12 +406,21 @@ def log(run, record, line=None):
 
 
 def average_across_ranks(metrics):
+    """The mean over processes of each figure; the max of a *_max figure."""
     if not dist.is_initialized():
         return metrics
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, float))
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return {**metrics, **{k: v / dist.get_world_size() for k, v in zip(keys, values.tolist())}}
+    out = dict(metrics)
+    for op, keys in ((dist.ReduceOp.SUM, [k for k, v in metrics.items() if isinstance(v, float)
+                                          and not k.endswith("_max")]),
+                     (dist.ReduceOp.MAX, [k for k, v in metrics.items() if isinstance(v, float)
+                                          and k.endswith("_max")])):
+        if keys:
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                                  device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(values, op=op)
+            scale = dist.get_world_size() if op == dist.ReduceOp.SUM else 1
+            out.update({k: v / scale for k, v in zip(keys, values.tolist())})
+    return out
 
 
 def main(argv):
@@ -454,28 +479,27 @@ def main(argv):
         print(f"task {cfg.task} | device {device} ({dtype}) x{world} | {model.num_params() / 1e6:.2f}M parameters "
               f"+ {model.transformer.wte.weight.numel() / 1e6:.2f}M embedding | vocab {enc.n_vocab}")
 
-    def checkpoint(stage_, step_):
-        if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, cfg, stage_, step_, rng, generator)
+    def checkpoint(stage_, step_):  # every process: each one's random streams go into the checkpoint
+        save_checkpoint(ckpt_path, model, optimizer, cfg, stage_, step_, rng, generator)
 
     # ---- Stage 1: warm start ------------------------------------------------------------------------------------
     if stage == "sft" and cfg.sft_steps > 0:
         t0 = time.time()
+        learner = grpo.data_parallel(model)  # the log-probs; under torchrun it averages the gradients
         bar = tqdm(range(step, cfg.sft_steps), desc="warm start", disable=rank != 0, initial=step,
                    total=cfg.sft_steps)
         for step in bar:
-            pairs = task.demonstrations(cfg.sft_batch_size // world, rng, sft_player)
+            pairs = task.demonstrations(cfg.sft_batch_size // world, rng, sft_player)  # each its own share
             tokens, valid, start, mask = sft_batch(pairs, enc, device)
             lr = sft_lr(step, cfg.sft_steps, cfg.sft_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
             with autocast:
-                logp = token_logprobs(model, tokens, start, valid=valid)
+                logp, _ = learner(tokens, start, valid)
             loss = -(logp * mask).sum() / mask.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grpo.average_gradients_across_ranks(model)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             record = average_across_ranks({"loss": loss.item(), "lr": lr})
@@ -496,11 +520,14 @@ def main(argv):
         evals["warm start"] = evaluate_and_log(run, model, enc, task, cfg, autocast, step=0)
         if cfg.lora_rank:  # from here on only the adapters train
             add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)
-            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        # A fresh optimizer: the warm start's AdamW moments would move the weights even when every advantage
+        # is 0 (measured: up to 5e-5 on the first step), a push from the supervised loss, not from rewards.
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         checkpoint("grpo", -1)  # so a resume from here does not redo stage 1
+    learner = grpo.data_parallel(model)  # after add_lora: DDP hooks the parameters that train
     reference = None
     if cfg.beta > 0 and cfg.lora_rank:
-        reference = model  # grpo_step reads this as "the policy with its adapters off": the warm-start model
+        reference = grpo.LORA_BASE  # the policy with its adapters off: the warm-start model
     elif cfg.beta > 0:  # the frozen warm-start policy; with beta = 0 no second model exists at all
         reference = GPT(model.config).to(device).eval().requires_grad_(False)
         load_state_dict_checked(reference, torch.load(warm_path, map_location="cpu", weights_only=True)["model"],
@@ -515,13 +542,13 @@ def main(argv):
                          f"({', '.join(f.__name__ for f in reward_fns)})")
     grpo_config = grpo.GRPOConfig(
         group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k or None, stop_token=end, pad_token=pad, scale_rewards=cfg.scale_rewards,
+        stop_token=end, pad_token=pad, scale_rewards=cfg.scale_rewards,
         eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
         importance_level=cfg.importance_level, num_iterations=cfg.num_iterations,
         minibatch_size=cfg.minibatch_size or None, max_grad_norm=cfg.max_grad_norm,
         reward_weights=tuple(weights or default_weights), dynamic_sampling=cfg.dynamic_sampling,
         overlong_buffer=cfg.overlong_buffer, mask_truncated=cfg.mask_truncated)
-    prompts_here = max(1, cfg.prompts_per_step // world)
+    prompts_here = cfg.prompts_per_step // world
 
     def draw(n):
         examples = task.training_examples(n, rng)
@@ -535,7 +562,7 @@ def main(argv):
         try:
             metrics = grpo.grpo_step(model, optimizer, prompts, examples, reward_fns, grpo_config,
                                      reference=reference, generator=generator, decode=enc.decode, refill=draw,
-                                     autocast=autocast)
+                                     autocast=autocast, learner=learner)
         except FloatingPointError as e:  # raised before the optimizer step: the weights are still good
             raise SystemExit(f"error: stopped at GRPO step {step}: {e}. The last good checkpoint is {ckpt_path}")
         m = average_across_ranks(metrics)
