@@ -519,7 +519,7 @@ def keep_groups_with_spread(samples, rewards, wanted, policy, reward_fns, config
             prompts, examples = refill(wanted - have)
             samples, rewards, _ = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
         else:  # this process is full; it only joins the others' decision
-            samples, rewards = subset(samples, rows[:0]), rewards[:0]
+            samples, rewards = subset(samples, torch.zeros_like(rows)), rewards[:0]
     keep = int(all_reduce(min(have, wanted), "min"))
     samples, rewards = cat_samples(parts), torch.cat(kept)
     rows = torch.arange(len(rewards), device=rewards.device) < keep * G  # the first `keep` groups

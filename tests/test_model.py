@@ -22,6 +22,14 @@ def test_forward_always_returns_full_logits_and_loss():
     torch.testing.assert_close(loss, ref)
 
 
+def test_forward_takes_non_contiguous_targets():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (3, 8))
+    _, loss = model(idx[:, :-1], targets=idx[:, 1:])  # the usual shift: a non-contiguous view
+    _, same = model(idx[:, :-1], targets=idx[:, 1:].contiguous())
+    assert torch.equal(loss, same)
+
+
 def test_left_padded_row_computes_what_it_computes_alone():
     model = tiny_gpt()
     tokens, valid = pad_left([[1, 2], [9, 9, 9, 9, 3]], pad_token=0, device="cpu")

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import grpo
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,6 +134,67 @@ def test_two_processes_with_torchrun(tmp_path):
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records if r["stage"] == "grpo"] == [0, 1, 2]  # written once, by rank 0
     assert "x2" in result.stdout
+
+
+def torchrun(args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a kill reaches every worker
+
+
+def test_a_resumed_two_process_run_equals_the_uninterrupted_one(tmp_path):
+    # Each process draws its own prompts and samples; a resume must give each its own streams back (restoring
+    # rank 0's on both would make the two processes train on identical data from then on).
+    args = TINY + ["--grpo_steps=6", "--reference_players=false", "--eval_interval=100"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = torchrun(args + [f"--out_dir={whole}"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    proc = torchrun(args + [f"--out_dir={killed}"])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # kill it somewhere after GRPO step 2
+        path = killed / "metrics.jsonl"
+        if path.exists() and any(r["stage"] == "grpo" and r["step"] >= 2 for r in read_jsonl(path)):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "eval.json").exists()  # it really died before the end
+    proc = torchrun(args + [f"--out_dir={killed}", "--resume"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (whole, killed))
+    assert a["step"] == b["step"] == 5 and len(a["rng"]) == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    rewards = [[r["reward_mean"] for r in read_jsonl(d / "metrics.jsonl") if r["stage"] == "grpo"]
+               for d in (whole, killed)]
+    assert rewards[0] == rewards[1]
+
+
+def test_a_skipped_dynamic_sampling_step_logs_a_complete_record(tmp_path):
+    # Nearly greedy sampling makes every group's completions identical: no group has spread, every step skips.
+    out = tmp_path / "run"
+    train.main(TINY + [f"--out_dir={out}", "--dynamic_sampling", "--temperature=0.001", "--sft_steps=0",
+                       "--grpo_steps=2", "--reference_players=false"])
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["stage"] == "grpo"]
+    assert [r["skipped"] for r in steps] == [1.0, 1.0] and all(r["optimizer_steps"] == 0 for r in steps)
+    assert all(set(r) == set(steps[0]) for r in steps) and "completion_len" in steps[0]
+
+
+def test_grpo_starts_with_a_fresh_optimizer(tmp_path):
+    # The warm start's AdamW moments would move the weights on GRPO's first step even with every advantage 0.
+    out = tmp_path / "run"
+    train.main(TINY + [f"--out_dir={out}", "--grpo_steps=2", "--num_iterations=1", "--reference_players=false"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert {float(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {2.0}  # GRPO's 2 steps, not 6 + 2
+
+
+def test_top_k_and_negative_clip_ranges_are_refused_before_any_work():
+    with pytest.raises(ValueError, match="top_k/top_p sampling is not supported during GRPO"):
+        grpo.GRPOConfig(top_k=5)
+    with pytest.raises(ValueError, match="eps_low must be a finite number >= 0"):
+        grpo.GRPOConfig(eps_low=-0.1)
+    with pytest.raises(ValueError, match="minibatch_size=6 must be a positive multiple of group_size=4"):
+        grpo.GRPOConfig(group_size=4, minibatch_size=6)
 
 
 def test_a_local_gpt2_directory_trains_lora_adapters_through_gpt2s_tokenizer(tmp_path):
