@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig, logprobs_from_hidden, sample, token_logprobs
 
 REFERENCE = GPTConfig(block_size=256, vocab_size=512, n_layer=6, n_head=6, n_embd=384)
+GPT2_SMALL = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)  # --model=gpt2
 
 
 def sync(device):
@@ -301,9 +302,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="peak,sample,train,logprobs,grpo,trl", help="comma-separated sections")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast, for train)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast for sample, train, grpo)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, a shorter no-cache run")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for train")
+    parser.add_argument("--model", default="reference", help="reference (6 x 6 x 384, vocab 512) or gpt2 "
+                                                             "(GPT-2 small: 12 x 12 x 768, vocab 50257)")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: one logprobs case, fresh process
     args = parser.parse_args()
     if args.memory_worker:
@@ -314,12 +317,15 @@ def main():
     sections = set(args.only.split(","))
     repeats = 1 if args.quick else 3
     torch.manual_seed(0)
-    model = GPT(REFERENCE).to(device).eval()
-    results = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    model = GPT({"reference": REFERENCE, "gpt2": GPT2_SMALL}[args.model]).to(device).eval()
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+               "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
                "params_M": round(model.num_params() / 1e6, 2)}
     peak = bench_peak(device, dtype, repeats)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if "sample" in sections:
-        results.update(bench_sample(model, device, repeats, args.quick))
+        with autocast:  # ours and generate alike
+            results.update(bench_sample(model, device, repeats, args.quick))
     if "train" in sections:
         peak = max(peak, bench_peak(device, dtype, repeats))  # again, next to the measurement it divides
         trained = torch.compile(model) if args.compile else model
@@ -328,7 +334,8 @@ def main():
     if "logprobs" in sections:
         results.update(bench_logprobs(device, repeats))
     if "grpo" in sections:
-        results.update(bench_grpo(model, device, repeats))
+        with autocast:
+            results.update(bench_grpo(model, device, repeats))
     if "trl" in sections:
         results.update(bench_trl(model, device, repeats))
         for beta in ("0", "0.04"):

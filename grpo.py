@@ -285,7 +285,8 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
         for rows in minibatches:
             with autocast:
                 logp, entropy = learner(samples.tokens[rows], samples.prompt_len, samples.valid[rows],
-                                        config.temperature, config.logprob_chunk, config.group_size)
+                                        config.temperature, config.logprob_chunk, config.group_size,
+                                        with_entropy=True)
             old = old_logp[rows] if old_logp is not None else logp.detach()  # one step: rho == 1 exactly
             loss, stats = grpo_loss(logp, old, advantages[rows], mask[rows],
                                     ref_logp[rows] if ref_logp is not None else None,
@@ -446,9 +447,10 @@ class PolicyLogprobs(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, tokens, start, valid, temperature=1.0, chunk_size=512, group_size=1):
-        return token_logprobs(self.policy, tokens, start, valid=valid, temperature=temperature,
-                              chunk_size=chunk_size, with_entropy=True, group_size=group_size)
+    def forward(self, tokens, start, valid, temperature=1.0, chunk_size=512, group_size=1, with_entropy=False):
+        out = token_logprobs(self.policy, tokens, start, valid=valid, temperature=temperature,
+                             chunk_size=chunk_size, with_entropy=with_entropy, group_size=group_size)
+        return out if with_entropy else (out, None)
 
 
 def data_parallel(policy):
