@@ -495,64 +495,191 @@ def grouped_hidden_states(model, tokens, start, valid, group_size):
 # Loading GPT-2 from a local Hugging Face directory (no network, no transformers)
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 
 
-def read_safetensors(path):
-    """A safetensors file is an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets: [begin, end]}}, then one byte buffer that the offsets index."""
+def read_safetensors_header(path):
+    """A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data the offsets
+    index. Every field is checked before a byte of data is read: offsets within the data, each tensor's bytes
+    exactly its shape times its dtype's size, the tensors tiling the data with no overlap and no gap.
+    Returns ({name: (dtype, shape, begin, end)}, where the data starts)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path}: too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if 8 + header_len > len(data):
-        raise ValueError(f"{path}: header length {header_len} runs past the end of the file")
-    header = json.loads(data[8:8 + header_len])
-    buffer = memoryview(bytearray(data[8 + header_len:]))
-    tensors = {}
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path}: header length {n} runs past the end of the file ({size} bytes) or the "
+                             f"format's limit of {MAX_HEADER_BYTES}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
+    data_len, tensors = size - 8 - n, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader does not know")
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        t = torch.frombuffer(buffer[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(info["shape"]).clone()
-    return tensors
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"{where}: expected the fields dtype, shape, data_offsets, got {info!r}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{where}: dtype {dtype!r} is not one of {', '.join(SAFETENSORS_DTYPES)}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise ValueError(f"{where}: data_offsets [{begin}, {end}] are not within the {data_len} data bytes "
+                             f"with begin <= end")
+        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise ValueError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, data_offsets hold "
+                             f"{end - begin}")
+        tensors[name] = (SAFETENSORS_DTYPES[dtype], tuple(shape), begin, end)
+    at = 0
+    for name, (_, _, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2:]):
+        if begin != at:
+            raise ValueError(f"{path}: tensor {name!r} starts at byte {begin}, but the previous one ends at {at} "
+                             f"({'an overlap' if begin < at else 'a gap'})")
+        at = end
+    if at != data_len:
+        raise ValueError(f"{path}: the tensors cover {at} of the {data_len} data bytes")
+    return tensors, 8 + n
 
 
-def load_hf_gpt2(cls, path):
+def read_safetensors_tensor(path, header, data_start, name, out=None):
+    """One tensor of a checked header, read straight from the file into `out` (or a new tensor): memory for
+    that tensor only, never a copy of the file."""
+    dtype, shape, begin, end = header[name]
+    out = torch.empty(shape, dtype=dtype) if out is None else out
+    if end > begin:
+        with open(path, "rb") as f:
+            f.seek(data_start + begin)
+            if f.readinto(out.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"{path}: tensor {name!r} is cut short")
+    return out
+
+
+def read_safetensors(path):
+    """Every tensor of a safetensors file, checked, by name."""
+    header, data_start = read_safetensors_header(path)
+    return {name: read_safetensors_tensor(path, header, data_start, name) for name in header}
+
+
+# GPT-2 config fields that change the math; each is honoured as GPT-2 has it, or refused (never ignored).
+GPT2_DEFAULTS = {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+                 "scale_attn_by_inverse_layer_idx": False, "activation_function": "gelu_new", "n_inner": None}
+
+
+def gpt2_config(path):
+    """GPTConfig from a Hugging Face GPT-2 config.json, every field checked."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face GPT-2 directory)")
+    if os.path.getsize(config_file) > 1_000_000:
+        raise ValueError(f"{config_file}: {os.path.getsize(config_file)} bytes, too large for a config")
     with open(config_file) as f:
-        hf = json.load(f)
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}, only 'gpt2' can be loaded")
-    if hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ValueError(f"{config_file}: activation_function {hf['activation_function']!r} is not GPT-2's gelu_new")
-    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        state = read_safetensors(os.path.join(path, "model.safetensors"))
-    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        try:
+            hf = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{config_file}: not JSON ({e})") from None
+    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
+        found = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
+        raise ValueError(f"{config_file}: model_type is {found!r}, only 'gpt2' can be loaded")
+    sizes = {}
+    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+        value = hf.get(key)
+        if type(value) is not int or not 1 <= value <= 1_000_000:
+            raise ValueError(f"{config_file}: {key} is {value!r}, expected an integer from 1 to 1,000,000")
+        sizes[key] = value
+    for key, gpt2 in GPT2_DEFAULTS.items():
+        value = hf.get(key, gpt2)
+        same = (math.isclose(value, gpt2, rel_tol=1e-9) if key == "layer_norm_epsilon"
+                and isinstance(value, (int, float)) else value == gpt2)
+        if key == "n_inner" and value == 4 * sizes["n_embd"]:
+            same = True
+        if not same:
+            raise ValueError(f"{config_file}: {key} is {value!r}; this GPT computes GPT-2's {gpt2!r} only")
+    return GPTConfig(block_size=sizes["n_positions"], vocab_size=sizes["vocab_size"], n_layer=sizes["n_layer"],
+                     n_head=sizes["n_head"], n_embd=sizes["n_embd"], bias=True)
+
+
+# Hugging Face's GPT-2 uses Conv1D, whose weight is (in, out): ours are its transpose.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_key(key):
+    """Our parameter name for a Hugging Face GPT-2 key (hub files name keys with or without "transformer."),
+    or None for the attention-mask buffers old files carry ("attn.bias", "attn.masked_bias")."""
+    if key.endswith((".attn.bias", ".attn.masked_bias")) or key in ("attn.bias", "attn.masked_bias"):
+        return None
+    return key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+
+
+def load_hf_gpt2(cls, path):
+    """The config and every tensor's name, dtype and shape are checked against the model they describe before
+    the model is built; then the tensors are read one at a time into it (memory: the model, plus one tensor)."""
+    config = gpt2_config(path)
+    with torch.device("meta"):  # the parameter shapes, without allocating anything
+        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    st_file, bin_file = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st_file):
+        source = st_file
+        header, data_start = read_safetensors_header(st_file)
+        found = {key: (dtype, shape) for key, (dtype, shape, _, _) in header.items()}
+
+        def fetch(key):
+            return read_safetensors_tensor(st_file, header, data_start, key)
+    elif os.path.isfile(bin_file):
+        source = bin_file
+        try:  # mmap: tensors stay on disk until read
+            state = torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"{bin_file} is not a readable weights file ({type(e).__name__})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{bin_file} does not hold a dict of tensors")
+        found = {key: (v.dtype, tuple(v.shape)) for key, v in state.items()}
+
+        def fetch(key):
+            return state[key]
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin is there")
-    model = cls(config)
-    # Hugging Face's hub files name keys with or without the "transformer." prefix; its attention masks
-    # ("attn.bias", "attn.masked_bias") are buffers, not weights. GPT-2 uses Conv1D, whose weight is (in, out).
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    theirs = {}
-    for key, value in state.items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key in ("attn.bias", "attn.masked_bias"):
+    names = {hf_key(key): key for key in found if hf_key(key) is not None}  # ours -> theirs
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(names) - {"lm_head.weight"})]
+    problems += [f"unexpected {k}" for k in sorted(set(names) - set(expected))]
+    for ours, theirs in names.items():
+        if ours not in expected:
             continue
-        key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
-        theirs[key] = value.t() if key.endswith(conv1d) else value
-    theirs.setdefault("lm_head.weight", theirs.get("transformer.wte.weight"))
-    load_state_dict_checked(model, theirs, source=path)
+        dtype, shape = found[theirs]
+        want = expected[ours][::-1] if ours.endswith(CONV1D) else expected[ours]
+        if shape != want:
+            problems.append(f"{ours}: checkpoint {shape} vs model {want}")
+        if not dtype.is_floating_point:
+            problems.append(f"{ours}: checkpoint holds {dtype} data, the model's weights are floating point")
+    if problems:
+        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]))
+    model = cls(config)
+    params = model.state_dict()
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            if ours == "lm_head.weight":
+                continue  # tied to wte: checked below
+            value = fetch(theirs)
+            params[ours].copy_(value.t() if ours.endswith(CONV1D) else value)
+        if "lm_head.weight" in names:  # a file may store the tied matrix twice: it must be the same one
+            lm_head = fetch(names["lm_head.weight"]).to(params["lm_head.weight"].dtype)
+            if not torch.equal(lm_head, params["transformer.wte.weight"]):
+                raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight, but GPT-2 ties "
+                                 f"them (an untied output layer is not supported)")
     return model
 
 
