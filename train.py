@@ -13,6 +13,7 @@ The run folder (--out_dir) gets config.json, metrics.jsonl (one JSON object per 
 
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import json
 import math
@@ -127,7 +128,33 @@ def parse_config(argv):
     task = importlib.import_module(f"data.{cfg.task}")  # zeros mean "the task's own size"
     cfg.block_size = cfg.block_size or task.BLOCK_SIZE
     cfg.max_new_tokens = cfg.max_new_tokens or task.MAX_NEW_TOKENS
+    if cfg.resume:
+        cfg = resumed_config(cfg, set(values))
     return cfg
+
+
+SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "threads", "wandb")  # they change no number the run computes
+
+
+def resumed_config(requested, given):
+    """--resume continues the run in out_dir as it was configured: its config.json is the configuration. Flags
+    given with --resume must agree with it (a resumed run with another learning rate or seed would be neither
+    run); a difference is an error that lists every one."""
+    path = os.path.join(requested.out_dir, "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --resume but {requested.out_dir} holds no run (no config.json)")
+    with open(path) as f:
+        saved = json.load(f)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if set(saved) - known:
+        raise SystemExit(f"error: {path} has options this train.py does not know: {sorted(set(saved) - known)}")
+    differ = [f"--{k}: the run has {saved[k]!r}, the command line {getattr(requested, k)!r}"
+              for k in sorted(given) if k not in SAFE_TO_CHANGE_ON_RESUME and k in saved
+              and saved[k] != getattr(requested, k)]
+    if differ:
+        raise SystemExit(f"error: --resume continues {requested.out_dir} as configured in its config.json, but "
+                         f"these flags differ from it (drop them, or start a new run):\n  " + "\n  ".join(differ))
+    return TrainConfig(**{**saved, **{k: getattr(requested, k) for k in SAFE_TO_CHANGE_ON_RESUME}})
 
 
 def parse_value(raw, kind):
@@ -207,22 +234,28 @@ def pick_autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16), dtype
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "ckpt.prev.pt", "warm_start.pt")
+
+
 def prepare_out_dir(cfg, rank):
     """Refuse to mix two runs in one folder: an existing run needs --resume (same run) or --overwrite.
     Rank 0 alone checks and writes; the others wait at a barrier (checking too would race with its writes)."""
     if rank != 0:
         return
-    has_run = os.path.exists(os.path.join(cfg.out_dir, "config.json"))
+    # A folder whose start-up failed before its first checkpoint holds nothing to keep: it is simply re-run.
+    has_run = any(os.path.exists(os.path.join(cfg.out_dir, name)) for name in ("ckpt.pt", "ckpt.prev.pt"))
     if has_run and not (cfg.resume or cfg.overwrite):
         raise SystemExit(f"error: {cfg.out_dir} already holds a run; pass --resume to continue it or "
                          f"--overwrite to replace it (or choose another --out_dir)")
-    if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
-        raise SystemExit(f"error: --resume but {cfg.out_dir} has no ckpt.pt")
+    if cfg.resume and not has_run:
+        raise SystemExit(f"error: --resume but {cfg.out_dir} has no checkpoint (the run stopped before its first "
+                         f"one): run the same command without --resume to start it again")
+    if cfg.resume:
+        return  # config.json is the run's, and stays as it is
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.overwrite and not cfg.resume:
-        for name in ("metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "warm_start.pt"):
-            if os.path.exists(os.path.join(cfg.out_dir, name)):
-                os.remove(os.path.join(cfg.out_dir, name))
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(cfg.out_dir, name)):
+            os.remove(os.path.join(cfg.out_dir, name))
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
 
@@ -238,7 +271,10 @@ def build_model(cfg, vocab_size):
             raise SystemExit(f"error: {cfg.init_from} has {model.config.vocab_size} token embeddings but its "
                              f"tokenizer has {vocab_size} tokens")
         return model
-    ckpt = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+    try:
+        ckpt = read_checkpoint(cfg.init_from)
+    except CheckpointError as e:
+        raise SystemExit(f"error: --init_from: {e}") from None
     config = config_from_dict(ckpt["model_config"])
     if config.vocab_size != vocab_size:
         raise SystemExit(f"error: {cfg.init_from} was trained with a vocabulary of {config.vocab_size}, the task's "
@@ -284,12 +320,81 @@ def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage, "step": step,
                  "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
                  "rng": every_rank}
-        atomic_save(state, path)
+        atomic_save(state, path, keep_previous=True)
 
 
-def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file intact
+def atomic_save(obj, path, keep_previous=False):
+    """torch.save with a checksum of everything in obj, written to a temporary file and renamed over path (a
+    kill mid-write leaves the previous file intact); keep_previous keeps the file it replaces as *.prev.pt."""
+    torch.save({**obj, "sha256": digest(obj)}, path + ".tmp")
+    if keep_previous and os.path.exists(path):
+        os.replace(path, previous(path))
+    os.replace(path + ".tmp", path)
+
+
+def previous(path):
+    return path[:-len(".pt")] + ".prev.pt"
+
+
+def digest(obj):
+    """SHA-256 of a checkpoint's contents: tensors by dtype, shape and bytes, everything else by value."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for key in sorted(x, key=str):
+                h.update(repr(key).encode())
+                walk(x[key])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):  # a tuple may come back from torch.load as a list
+            h.update(b"[")
+            for item in x:
+                walk(item)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def read_checkpoint(path):
+    """A checkpoint of ours, verified against the checksum it was saved with. Raises CheckpointError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except Exception as e:  # torch's own message would even suggest weights_only=False: never
+        raise CheckpointError(f"{path} is not a readable checkpoint: truncated or corrupt "
+                              f"({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "sha256" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it has no checksum)")
+    saved = ckpt.pop("sha256")
+    if digest(ckpt) != saved:
+        raise CheckpointError(f"{path} is corrupt: its contents do not match the checksum they were saved with")
+    return ckpt
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def latest_checkpoint(out_dir):
+    """(checkpoint, path): ckpt.pt, or when it fails its check, the one before it (ckpt.prev.pt)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        return read_checkpoint(path), path
+    except CheckpointError as e:
+        try:
+            ckpt = read_checkpoint(previous(path))
+        except CheckpointError as e2:
+            raise SystemExit(f"error: no good checkpoint to resume from:\n  {e}\n  {e2}") from None
+        print(f"warning: {e}; resuming from the one before it, {previous(path)} (step {ckpt['step']})")
+        return ckpt, previous(path)
 
 
 def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
@@ -425,6 +530,9 @@ def average_across_ranks(metrics):
 
 def main(argv):
     cfg = parse_config(argv)
+    if cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "eval.json")):
+        print(f"{cfg.out_dir} is a finished run (its final table is in eval.json): nothing to resume")
+        return None
     rank, world = setup_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -460,12 +568,12 @@ def main(argv):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     stage, step = "sft", 0
     if cfg.resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt, loaded_from = latest_checkpoint(cfg.out_dir)
         saved = ckpt["model_config"]
         if saved.get("lora_rank"):  # it stopped in a LoRA stage 2: the adapters come first
             add_lora(model, saved["lora_rank"], saved["lora_alpha"], saved["lora_mlp"])
             optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-        stage, step = load_checkpoint(ckpt, ckpt_path, model, optimizer, rng, generator)
+        stage, step = load_checkpoint(ckpt, loaded_from, model, optimizer, rng, generator)
         if rank == 0:
             truncate_logs(cfg.out_dir, stage, step)
             print(f"resumed {cfg.out_dir} at {stage} step {step}")
@@ -530,8 +638,10 @@ def main(argv):
         reference = grpo.LORA_BASE  # the policy with its adapters off: the warm-start model
     elif cfg.beta > 0:  # the frozen warm-start policy; with beta = 0 no second model exists at all
         reference = GPT(model.config).to(device).eval().requires_grad_(False)
-        load_state_dict_checked(reference, torch.load(warm_path, map_location="cpu", weights_only=True)["model"],
-                                source=warm_path)
+        try:
+            load_state_dict_checked(reference, read_checkpoint(warm_path)["model"], source=warm_path)
+        except CheckpointError as e:
+            raise SystemExit(f"error: the KL reference: {e}") from None
     try:
         weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
     except ValueError:

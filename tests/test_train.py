@@ -99,11 +99,63 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert ev_a["GRPO"] == ev_b["GRPO"] and ev_a["warm start"] == ev_b["warm start"]
 
 
+def test_resume_takes_the_runs_config_and_refuses_other_values(tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + [f"--out_dir={out}", "--grpo_steps=1", "--lr=1e-3", "--reference_players=false"])
+    saved = (out / "config.json").read_text()
+    with pytest.raises(SystemExit, match=r"(?s)these flags differ.*--lr: the run has 0.001, the command line 0.01"
+                                         r".*--seed: the run has 1337, the command line 7"):
+        train.parse_config([f"--out_dir={out}", "--resume", "--lr=1e-2", "--seed=7"])
+    cfg = train.parse_config([f"--out_dir={out}", "--resume", "--lr=1e-3", "--threads=2"])
+    assert cfg.lr == 1e-3 and cfg.n_embd == 32 and cfg.threads == 2  # the run's own values; threads may change
+    assert (out / "config.json").read_text() == saved  # never overwritten
+    assert train.main([f"--out_dir={out}", "--resume"]) is None  # finished: says so, does nothing
+    assert (out / "config.json").read_text() == saved
+
+
+def corrupt(path, n=20, seed=0):
+    data = bytearray(path.read_bytes())
+    g = torch.Generator().manual_seed(seed)
+    for i in torch.randint(len(data) // 4, len(data) - 1024, (n,), generator=g).tolist():
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_checkpoint_is_detected_and_the_one_before_it_is_used(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + [f"--out_dir={out}", "--reference_players=false", "--grpo_steps=4"]
+    train.main(args)
+    (out / "eval.json").unlink()  # as if it had died after its last checkpoint
+    previous = torch.load(out / "ckpt.prev.pt", weights_only=True)
+    assert previous["step"] == 2  # the last two are kept
+    corrupt(out / "ckpt.pt")
+    with pytest.raises(train.CheckpointError, match="ckpt.pt is (corrupt: its contents do not match|not a readable)"):
+        train.read_checkpoint(str(out / "ckpt.pt"))
+    train.main(args + ["--resume"])
+    assert "resuming from the one before it" in capsys.readouterr().out
+    assert (out / "eval.json").exists()
+    (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:5000])  # truncated
+    with pytest.raises(train.CheckpointError, match="not a readable checkpoint: truncated or corrupt") as e:
+        train.read_checkpoint(str(out / "ckpt.pt"))
+    assert "weights_only" not in str(e.value)
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_simply_be_rerun(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train.main(TINY + [f"--out_dir={out}", "--init_from=/no/such/file.pt"])
+    assert (out / "config.json").exists() and not (out / "ckpt.pt").exists()
+    with pytest.raises(SystemExit, match="has no checkpoint .* without --resume"):
+        train.main(TINY + [f"--out_dir={out}", "--resume"])
+    train.main(TINY + [f"--out_dir={out}", "--grpo_steps=1", "--reference_players=false"])  # no --overwrite needed
+    assert (out / "eval.json").exists()
+
+
 def test_resuming_with_another_model_shape_names_the_difference(tmp_path):
     out = tmp_path / "run"
     assert run_train(TINY + [f"--out_dir={out}", "--grpo_steps=1"]).returncode == 0
     result = run_train(TINY + [f"--out_dir={out}", "--resume", "--n_layer=3"])
-    assert result.returncode != 0 and "missing transformer.h.2" in result.stderr
+    assert result.returncode != 0 and "--n_layer: the run has 2, the command line 3" in result.stderr
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
