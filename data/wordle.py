@@ -8,8 +8,8 @@ Y elsewhere, X absent); the completion is the next guess in tags, ended by <|end
 
 Two choices make this learnable for a tiny model trained from scratch on a CPU:
 - The guess is one token: BPE trained on the word list makes every allowed word a token, so the policy chooses
-  among words as a pretrained LLM does and never misspells (../shared/NOTES-wordle.md measured spelling to be
-  the bottleneck of a character-level model).
+  among words as a pretrained LLM does and never misspells (a character-level prototype measured earlier found spelling to
+  be its bottleneck).
 - The history is spelled out, letter and mark fused into one token (" aG": a, green), six tokens a line. With
   the earlier guesses as word tokens the model would first have to discover the letters of thousands of words
   before feedback meant anything; a first try that way stayed at the unigram loss (ln 2118 nats per guess).
@@ -171,7 +171,7 @@ def training_examples(n, rng, max_history=4, history_player="candidate"):
 
 def reward_functions():
     """(functions, weights): the course's lesson 8 trio plus the win. Format alone would teach only
-    validity (NOTES-wordle.md); the win and the information gain pay for using the feedback."""
+    validity (measured in the earlier prototype); the win and the information gain pay for using the feedback."""
     return [wordle_format, wordle_feedback_use, wordle_info_gain, wordle_win], [0.2, 0.3, 0.5, 1.0]
 
 

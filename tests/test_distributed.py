@@ -183,6 +183,8 @@ def dynamic_sampling(rank):
     m = grpo.grpo_step(model, optimizer, [[1, 2], [3, 4]], ["spread", kind], [flat_or_spread], config,
                        generator=g, refill=lambda n: ([[5, 6]] * n, ["spread"] * n), learner=learner)
     out.append(m)
+    import train  # train.py's cross-process metrics: the mean of each figure, the max of a *_max one
+    out.append(train.average_across_ranks({"ratio_max": float(rank), "kl": float(rank)}))
     return out
 
 
@@ -197,3 +199,4 @@ def test_dynamic_sampling_takes_the_same_decisions_on_every_process():
     assert filled[0]["optimizer_steps"] == filled[1]["optimizer_steps"] >= 1
     assert filled[0]["sampling_rounds"] == filled[1]["sampling_rounds"] >= 2
     assert filled[0]["reward_std"] == filled[1]["reward_std"]  # over both processes' rollouts: one figure
+    assert per_rank[0][2] == per_rank[1][2] == {"ratio_max": 1.0, "kl": 0.5}

@@ -94,7 +94,7 @@ def random_batch(N=6, T=7, seed=0, spread=0.5):
 
 
 def loop_loss(logp, old, A, mask, ref, eps_low, eps_high, beta, loss_type, importance_level, max_len):
-    """Reference: the formulas of GRPO.md, one token at a time."""
+    """Reference: the formulas of grpo.py's docstring, one token at a time."""
     N, T = logp.shape
     total, per_seq, n_tok = 0.0, [], 0
     for i in range(N):
