@@ -263,19 +263,18 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
 
     # 3. pi_old's log-probs, only when the policy moves before the last use of this rollout (otherwise
     #    pi_old == pi_theta exactly); the reference's, only with a KL term. Neither needs gradients.
-    def logprobs(model, rows, with_entropy=False):
-        return token_logprobs(model, samples.tokens[rows], samples.prompt_len, valid=samples.valid[rows],
-                              temperature=config.temperature, chunk_size=config.logprob_chunk,
-                              with_entropy=with_entropy, group_size=config.group_size)
+    def logprobs(module, rows, with_entropy=False):  # module: a PolicyLogprobs, or the learner (DDP-wrapped)
+        return module(samples.tokens[rows], samples.prompt_len, samples.valid[rows], config.temperature,
+                      config.logprob_chunk, config.group_size, with_entropy)
 
     old_logp = ref_logp = None
     with torch.no_grad(), autocast:
         if config.num_iterations * len(minibatches) > 1:
-            old_logp = torch.cat([logprobs(policy, rows) for rows in minibatches])
+            old_logp = torch.cat([logprobs(PolicyLogprobs(policy), rows)[0] for rows in minibatches])
         if config.beta > 0:
             with adapters_off(policy) if reference == LORA_BASE else contextlib.nullcontext():
-                model = policy if reference == LORA_BASE else reference
-                ref_logp = torch.cat([logprobs(model, rows) for rows in minibatches])
+                frozen = PolicyLogprobs(policy if reference == LORA_BASE else reference)
+                ref_logp = torch.cat([logprobs(frozen, rows)[0] for rows in minibatches])
 
     # 4. num_iterations passes of clipped-ratio updates over minibatches of the rollout.
     normalizer = loss_normalizer(mask, config, len(minibatches))
@@ -284,9 +283,7 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
     for _ in range(config.num_iterations):
         for rows in minibatches:
             with autocast:
-                logp, entropy = learner(samples.tokens[rows], samples.prompt_len, samples.valid[rows],
-                                        config.temperature, config.logprob_chunk, config.group_size,
-                                        with_entropy=True)
+                logp, entropy = logprobs(learner, rows, with_entropy=True)
             old = old_logp[rows] if old_logp is not None else logp.detach()  # one step: rho == 1 exactly
             loss, stats = grpo_loss(logp, old, advantages[rows], mask[rows],
                                     ref_logp[rows] if ref_logp is not None else None,
@@ -467,10 +464,14 @@ def all_reduce(value, op="sum"):
     """A number reduced over every process (the same number on all of them); the number itself in one process."""
     if world_size() == 1:
         return value
-    t = torch.tensor(float(value), dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(float(value), dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return t.item()
+
+
+def collective_device():
+    """Where a collective's tensors must live: nccl reduces CUDA tensors, gloo CPU ones."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def all_gather(tensor):

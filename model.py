@@ -603,11 +603,11 @@ def gpt2_config(path):
         sizes[key] = value
     for key, gpt2 in GPT2_DEFAULTS.items():
         value = hf.get(key, gpt2)
-        same = (math.isclose(value, gpt2, rel_tol=1e-9) if key == "layer_norm_epsilon"
-                and isinstance(value, (int, float)) else value == gpt2)
-        if key == "n_inner" and value == 4 * sizes["n_embd"]:
-            same = True
-        if not same:
+        if key == "n_inner" and value == 4 * sizes["n_embd"]:  # written out, it is GPT-2's default
+            value = None
+        if key == "layer_norm_epsilon" and isinstance(value, (int, float)) and math.isclose(value, gpt2):
+            value = gpt2
+        if value != gpt2:
             raise ValueError(f"{config_file}: {key} is {value!r}; this GPT computes GPT-2's {gpt2!r} only")
     return GPTConfig(block_size=sizes["n_positions"], vocab_size=sizes["vocab_size"], n_layer=sizes["n_layer"],
                      n_head=sizes["n_head"], n_embd=sizes["n_embd"], bias=True)

@@ -311,7 +311,7 @@ def sft_lr(step, total, peak):
 
 def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
     """Called on every process: each one's random streams are saved (rank r resumes stream r), by rank 0."""
-    streams = {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state().cpu()}
+    streams = {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}
     every_rank = [streams]
     if dist.is_initialized():
         every_rank = [None] * dist.get_world_size()
@@ -408,8 +408,7 @@ def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
     py = streams["python"]
     rng.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(streams["torch"])
-    generator.set_state(streams["generator"].to(generator.device) if generator.device.type != "cpu"
-                        else streams["generator"])
+    generator.set_state(streams["generator"])  # a CPU byte tensor, for a CUDA generator too
     return ckpt["stage"], ckpt["step"]
 
 
@@ -514,18 +513,15 @@ def average_across_ranks(metrics):
     """The mean over processes of each figure; the max of a *_max figure."""
     if not dist.is_initialized():
         return metrics
-    out = dict(metrics)
-    for op, keys in ((dist.ReduceOp.SUM, [k for k, v in metrics.items() if isinstance(v, float)
-                                          and not k.endswith("_max")]),
-                     (dist.ReduceOp.MAX, [k for k, v in metrics.items() if isinstance(v, float)
-                                          and k.endswith("_max")])):
-        if keys:
-            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
-                                  device="cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(values, op=op)
-            scale = dist.get_world_size() if op == dist.ReduceOp.SUM else 1
-            out.update({k: v / scale for k, v in zip(keys, values.tolist())})
-    return out
+    def reduced(keys, op):
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=grpo.collective_device())
+        dist.all_reduce(values, op=op)
+        return dict(zip(keys, values.tolist()))
+
+    floats = [k for k, v in metrics.items() if isinstance(v, float)]
+    means = reduced([k for k in floats if not k.endswith("_max")], dist.ReduceOp.SUM)
+    maxes = reduced([k for k in floats if k.endswith("_max")], dist.ReduceOp.MAX)
+    return {**metrics, **{k: v / dist.get_world_size() for k, v in means.items()}, **maxes}
 
 
 def main(argv):

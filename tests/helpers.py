@@ -16,7 +16,8 @@ def tiny_gpt(seed=0, dtype=torch.float64, **overrides):
 
 
 def write_safetensors(path, tensors):
-    names = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
+    names = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int32: "I32", torch.int64: "I64"}
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
         t = t.contiguous()

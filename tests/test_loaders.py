@@ -10,7 +10,7 @@ import torch
 
 from model import GPT, read_safetensors
 from tests.helpers import tiny_gpt, write_safetensors
-from tests.test_model import write_hf_checkpoint
+from tests.test_model import hf_state_dict, write_hf_checkpoint
 
 
 def raw_safetensors(path, header, data=b"", header_len=None):
@@ -84,47 +84,25 @@ def test_gpt2s_own_values_of_those_fields_load(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def hf_state(model):
-    state = {}
-    for key, value in model.state_dict().items():
-        if key != "lm_head.weight":
-            state[key] = value.t().contiguous() if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) \
-                else value.clone()
-    return state
-
-
 def test_integer_weights_are_refused_not_cast(tmp_path):
     model = gpt2_dir(tmp_path)
-    state = hf_state(model)
+    state = hf_state_dict(model)
     state["transformer.wpe.weight"] = torch.zeros(64, 32, dtype=torch.int32)
-    write_any_safetensors(tmp_path / "model.safetensors", state)
+    write_safetensors(tmp_path / "model.safetensors", state)
     with pytest.raises(ValueError, match="transformer.wpe.weight: checkpoint holds torch.int32 data"):
         GPT.from_pretrained(str(tmp_path))
 
 
 def test_an_lm_head_that_differs_from_the_tied_embedding_is_refused(tmp_path):
     model = gpt2_dir(tmp_path)
-    state = hf_state(model)
+    state = hf_state_dict(model)
     state["lm_head.weight"] = torch.randn_like(state["transformer.wte.weight"])
-    write_any_safetensors(tmp_path / "model.safetensors", state)
+    write_safetensors(tmp_path / "model.safetensors", state)
     with pytest.raises(ValueError, match="lm_head.weight differs from transformer.wte.weight"):
         GPT.from_pretrained(str(tmp_path))
     state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # the same matrix stored twice: fine
-    write_any_safetensors(tmp_path / "model.safetensors", state)
+    write_safetensors(tmp_path / "model.safetensors", state)
     GPT.from_pretrained(str(tmp_path))
-
-
-def write_any_safetensors(path, tensors):
-    """helpers.write_safetensors, plus integer dtypes."""
-    names = {torch.int32: "I32", torch.int64: "I64", torch.float32: "F32"}
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
 def test_a_tiny_directory_claiming_a_huge_model_is_refused_before_any_allocation(tmp_path):

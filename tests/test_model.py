@@ -251,6 +251,17 @@ def test_sampling_rejects_bad_arguments_by_name():
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def hf_state_dict(model, prefix="transformer.", dtype=torch.float32):
+    """The model's tensors as Hugging Face's GPT-2 names and lays them out (Conv1D weights transposed)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied: Hugging Face's files usually leave it out
+        value = value.t().contiguous() if key.endswith(CONV1D) else value.clone()
+        state[prefix + key[len("transformer."):]] = value.to(dtype)
+    return state
+
+
 def write_hf_checkpoint(model, path, kind="safetensors", prefix="transformer.", dtype=torch.float32):
     os.makedirs(path, exist_ok=True)
     c = model.config
@@ -258,12 +269,7 @@ def write_hf_checkpoint(model, path, kind="safetensors", prefix="transformer.", 
         json.dump(dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size,
                        n_ctx=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                        n_embd=c.n_embd, activation_function="gelu_new", layer_norm_epsilon=1e-5), f)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied: Hugging Face's files usually leave it out
-        value = value.t().contiguous() if key.endswith(CONV1D) else value.clone()
-        state[prefix + key[len("transformer."):]] = value.to(dtype)
+    state = hf_state_dict(model, prefix, dtype)
     for layer in range(c.n_layer):  # the causal-mask buffer old files carry
         state[f"{prefix}h.{layer}.attn.bias"] = torch.ones(1, 1, c.block_size, c.block_size).tril().to(dtype)
     if kind == "safetensors":
