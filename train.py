@@ -383,6 +383,30 @@ class CheckpointError(Exception):
     pass
 
 
+def run_tokenizer(cfg, task):
+    """The task's tokenizer; GPT-2's weights mean GPT-2's token ids, so a run that started from a GPT-2
+    directory reads its task through GPT-2's tokenizer."""
+    return gpt2_encoding(cfg.init_from, task_specials=True) if os.path.isdir(cfg.init_from) else task.tokenizer()
+
+
+def load_run(run_dir):
+    """(model, tokenizer, config) of a run folder: its config.json and its latest good checkpoint, on the CPU,
+    in eval mode. For export.py and sample.py."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
+    with open(path) as f:
+        saved = json.load(f)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or set(saved) - known:
+        raise SystemExit(f"error: {path} is not a config of this train.py")
+    cfg = TrainConfig(**saved)
+    ckpt, _ = latest_checkpoint(run_dir)
+    model = GPT(config_from_dict(ckpt["model_config"]))
+    load_state_dict_checked(model, ckpt["model"], source=run_dir)
+    return model.eval(), run_tokenizer(cfg, importlib.import_module(f"data.{cfg.task}")), cfg
+
+
 def latest_checkpoint(out_dir):
     """(checkpoint, path): ckpt.pt, or when it fails its check, the one before it (ckpt.prev.pt)."""
     path = os.path.join(out_dir, "ckpt.pt")
@@ -541,9 +565,7 @@ def main(argv):
     sft_player = cfg.sft_player or task.DEFAULT_PLAYER
     if sft_player not in task.reference_players():
         raise SystemExit(f"error: --sft_player={sft_player!r} is not one of {', '.join(task.reference_players())}")
-    # GPT-2's weights mean GPT-2's token ids, so a loaded GPT-2 reads the task through GPT-2's tokenizer
-    local_gpt2 = os.path.isdir(cfg.init_from)
-    enc = gpt2_encoding(cfg.init_from, task_specials=True) if local_gpt2 else task.tokenizer()
+    enc = run_tokenizer(cfg, task)
     end, pad = end_and_pad(enc)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank

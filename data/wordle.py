@@ -327,6 +327,21 @@ def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS)
     return result
 
 
+def show_games(player, n=4):
+    """Print n held-out games of `player`, turn by turn: the completion, the guess's feedback, and the result."""
+    result = evaluate(player, n, keep_games=n)
+    allowed, _, _, _ = words()
+    for game in result["transcripts"]:
+        answer = game["answer"]
+        print(f"answer {answer}")
+        for turn, text in enumerate(game["guesses"], 1):
+            guess = parse_guess(text)
+            mark = wordle_feedback(guess, answer) if guess in allowed else "invalid guess"
+            print(f"  {turn}. {text!r:<32} {mark}")
+        print("  won" if parse_guess(game["guesses"][-1]) == answer else "  lost")
+    print(" | ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)))
+
+
 def main(argv):
     if argv[:1] == ["build-lists"] and len(argv) == 2:
         build_lists(argv[1])
