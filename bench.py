@@ -2,7 +2,7 @@
 Benchmarks of the things GRPO spends its time and memory on. Prints a table, then one JSON line.
 
     python bench.py                 # everything, on the reference configuration (6 layers, 6 heads, 384 wide)
-    python bench.py --only=sample   # one section: peak, sample, train, logprobs, grpo, trl
+    python bench.py --only=sample   # one section: peak, sample, train, logprobs, grpo, trl, load
     python bench.py --quick         # fewer repeats and a shorter no-cache run, for a smoke test
 
 Sections:
@@ -18,6 +18,8 @@ Sections:
             split into sampling and learning; and the learning pass's forward+backward with each group's shared
             prompt run once (learn_pass_group8) or once per row (learn_pass_group1).
   trl       the same step with TRL's GRPOTrainer beside it, when trl is installed (a dev-only extra).
+  load      GPT.from_pretrained of a GPT-2-small-sized model.safetensors (498 MB, float32): seconds, and peak
+            memory growth in a fresh process as a multiple of the file (the model itself is 1.0x).
 
 Throughput on shared CPUs wanders by tens of percent between runs: compare figures from the same run only.
 transformers is optional and used here only, to compare with the library most people would otherwise use.
@@ -73,11 +75,12 @@ def peak_memory(case, device):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def memory_worker(case):
-    def status(field):  # kB figures from /proc/self/status (Linux)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+def status(field):  # kB figures from /proc/self/status (Linux)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
+
+def memory_worker(case):
     fn = logprob_case(case, torch.device("cpu"))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
@@ -207,6 +210,30 @@ def bench_logprobs(device, repeats):
     return out
 
 
+def bench_load():
+    """Peak memory and time of loading a GPT-2-small-sized directory (written by export.py's writer)."""
+    import os
+    import tempfile
+
+    import export
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        export.export(GPT(GPT2_SMALL), None, tmp, "none", gpt2_dir=None, tokenizer=False)
+        size = os.path.getsize(os.path.join(tmp, "model.safetensors"))
+        out = subprocess.run([sys.executable, __file__, f"--load-worker={tmp}"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    return {"load_file_mb": size / 2 ** 20, "load_s": float(out[-1]), "load_peak_vs_file": int(out[-2]) / size}
+
+
+def load_worker(path):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    t0 = time.perf_counter()
+    GPT.from_pretrained(path)
+    print((status("VmHWM") - before) * 1024, time.perf_counter() - t0)
+
+
 def bench_grpo(model, device, repeats):
     import grpo  # imported here so the other sections run before grpo.py exists in a checkout
 
@@ -300,7 +327,7 @@ def bench_trl(model, device, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="peak,sample,train,logprobs,grpo,trl", help="comma-separated sections")
+    parser.add_argument("--only", default="peak,sample,train,logprobs,grpo,trl,load", help="comma-separated sections")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast for sample, train, grpo)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, a shorter no-cache run")
@@ -308,9 +335,12 @@ def main():
     parser.add_argument("--model", default="reference", help="reference (6 x 6 x 384, vocab 512) or gpt2 "
                                                              "(GPT-2 small: 12 x 12 x 768, vocab 50257)")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: one logprobs case, fresh process
+    parser.add_argument("--load-worker", help=argparse.SUPPRESS)  # internal: one from_pretrained, fresh process
     args = parser.parse_args()
     if args.memory_worker:
         return memory_worker(args.memory_worker)
+    if args.load_worker:
+        return load_worker(args.load_worker)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -336,6 +366,8 @@ def main():
     if "grpo" in sections:
         with autocast:
             results.update(bench_grpo(model, device, repeats))
+    if "load" in sections:
+        results.update(bench_load())
     if "trl" in sections:
         results.update(bench_trl(model, device, repeats))
         for beta in ("0", "0.04"):

@@ -60,7 +60,7 @@ def hf_tensors(model):
 
 def hf_config(model, enc, task):
     c = model.config
-    ids = {name: enc.encode_single_token(f"<|{name}|>") for name in ("begin", "end", "pad")}
+    ids = {name: enc.encode_single_token(f"<|{name}|>") if enc else None for name in ("begin", "end", "pad")}
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": c.block_size,
             "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
             "vocab_size": c.vocab_size, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
@@ -121,21 +121,22 @@ def write_tokenizer(enc, out_dir, block_size):
                    "pad_token": "<|pad|>", "model_max_length": block_size}, f, indent=1)
 
 
-def export(model, enc, out_dir, task, gpt2_dir=None):
+def export(model, enc, out_dir, task, gpt2_dir=None, tokenizer=True):
     """Write `model` (LoRA adapters merged into a copy) and its tokenizer `enc` to out_dir as a GPT-2 directory.
-    gpt2_dir: the GPT-2 directory the run started from, whose tokenizer files are copied as they are."""
+    gpt2_dir: the GPT-2 directory the run started from, whose tokenizer files are copied as they are.
+    tokenizer=False writes the weights and a config without token ids (bench.py's load test)."""
     os.makedirs(out_dir, exist_ok=True)
     model = copy.deepcopy(model).cpu().float()
     if model.config.lora_rank:
         merge_lora(model)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), hf_tensors(model), {"format": "pt"})
-    config = hf_config(model, enc, task) if gpt2_dir is None else {
+    config = hf_config(model, enc if tokenizer else None, task) if gpt2_dir is None else {
         **json.load(open(os.path.join(gpt2_dir, "config.json"))), "nanogrpo": {"task": task, "gpt2": True}}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    if gpt2_dir is None:
+    if gpt2_dir is None and tokenizer:
         write_tokenizer(enc, out_dir, model.config.block_size)
-    else:
+    elif tokenizer:
         for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "encoder.json",
                      "vocab.bpe"):
             if os.path.isfile(os.path.join(gpt2_dir, name)):

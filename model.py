@@ -630,15 +630,16 @@ def load_hf_gpt2(cls, path):
     the model is built; then the tensors are read one at a time into it (memory: the model, plus one tensor)."""
     config = gpt2_config(path)
     with torch.device("meta"):  # the parameter shapes, without allocating anything
-        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     st_file, bin_file = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(st_file):
         source = st_file
         header, data_start = read_safetensors_header(st_file)
         found = {key: (dtype, shape) for key, (dtype, shape, _, _) in header.items()}
 
-        def fetch(key):
-            return read_safetensors_tensor(st_file, header, data_start, key)
+        def fetch(key, out=None):
+            return read_safetensors_tensor(st_file, header, data_start, key, out)
     elif os.path.isfile(bin_file):
         source = bin_file
         try:  # mmap: tensors stay on disk until read
@@ -649,8 +650,8 @@ def load_hf_gpt2(cls, path):
             raise ValueError(f"{bin_file} does not hold a dict of tensors")
         found = {key: (v.dtype, tuple(v.shape)) for key, v in state.items()}
 
-        def fetch(key):
-            return state[key]
+        def fetch(key, out=None):
+            return state[key] if out is None else out.copy_(state[key])
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin is there")
     names = {hf_key(key): key for key in found if hf_key(key) is not None}  # ours -> theirs
@@ -667,14 +668,20 @@ def load_hf_gpt2(cls, path):
             problems.append(f"{ours}: checkpoint holds {dtype} data, the model's weights are floating point")
     if problems:
         raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]))
-    model = cls(config)
+    # Storage for the parameters, uninitialized (no random init: every one is read from the file), tied again
+    # (to_empty gives the two names of the tied matrix two tensors).
+    model = model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight
     params = model.state_dict()
     with torch.no_grad():
         for ours, theirs in names.items():
             if ours == "lm_head.weight":
                 continue  # tied to wte: checked below
-            value = fetch(theirs)
-            params[ours].copy_(value.t() if ours.endswith(CONV1D) else value)
+            if ours.endswith(CONV1D) or found[theirs][0] != params[ours].dtype:
+                value = fetch(theirs)
+                params[ours].copy_(value.t() if ours.endswith(CONV1D) else value)
+            else:  # straight from the file into the parameter: no copy
+                fetch(theirs, out=params[ours])
         if "lm_head.weight" in names:  # a file may store the tied matrix twice: it must be the same one
             lm_head = fetch(names["lm_head.weight"]).to(params["lm_head.weight"].dtype)
             if not torch.equal(lm_head, params["transformer.wte.weight"]):
