@@ -12,7 +12,7 @@ sampled them), score each with rewards r_i, and maximize
 
 The group mean is the baseline: there is no value network (critic), which is what GRPO removes from PPO.
 The KL term to a frozen reference model is optional: beta = 0 (the default) keeps no reference model at all.
-For a LoRA policy (model.add_lora) the reference is the policy with its adapters off: pass reference=policy.
+For a LoRA policy (model.add_lora) the reference is the policy with its adapters off: pass reference=LORA_BASE.
 
 Every choice is one knob of GRPOConfig:
     scale_rewards     "group" (std of the group, above), "batch" (std of the whole batch), "none" (Dr. GRPO)
@@ -36,7 +36,7 @@ within each group) while its gradient is not; that is expected.
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -50,31 +50,38 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 
+def knob(default, help):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GRPOConfig:
-    group_size: int = 8              # completions sampled per prompt (G)
-    max_new_tokens: int = 64         # completion length cap, tokens
-    temperature: float = 1.0         # sampling temperature; log-probs use the same one
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
+    """Every GRPO knob, with the defaults of plain GRPO. train.py makes each one a flag (its help is below)."""
+    group_size: int = knob(8, "completions sampled per prompt (G)")
+    max_new_tokens: int = knob(64, "completion length cap, tokens")
+    temperature: float = knob(1.0, "sampling temperature; the log-probs use the same one")
+    scale_rewards: str = knob("group", "advantage scaling: group (std of the group), batch, or none (Dr. GRPO)")
+    adv_eps: float = knob(1e-6, "added to the std before dividing")
+    eps_low: float = knob(0.2, "clip range below 1: rho >= 1 - eps_low")
+    eps_high: float = knob(0.2, "clip range above 1: rho <= 1 + eps_high (0.28 = DAPO's clip-higher)")
+    beta: float = knob(0.0, "KL penalty weight to a frozen reference; 0 keeps no reference model at all")
+    loss_type: str = knob("grpo", "how token terms are averaged: grpo, dapo or dr_grpo")
+    importance_level: str = knob("token", "token, or sequence (GSPO: one length-normalized ratio per sequence)")
+    num_iterations: int = knob(1, "optimizer passes over each rollout batch (mu); >1 makes the clip act")
+    minibatch_size: Optional[int] = knob(None, "rows per optimizer step within a pass, a multiple of "
+                                               "group_size; unset = the whole batch")
+    max_grad_norm: float = knob(1.0, "gradient clipping; 0 = off")
+    reward_weights: Optional[tuple] = knob(None, "one weight per reward function, comma-separated; unset = all 1")
+    dynamic_sampling: bool = knob(False, "DAPO: drop zero-spread groups and sample more prompts")
+    max_sampling_rounds: int = knob(4, "cap on sampling rounds with dynamic_sampling")
+    overlong_buffer: int = knob(0, "DAPO: soft length penalty over the last this-many tokens; 0 = off")
+    mask_truncated: bool = knob(False, "DAPO: completions without a stop token are left out of the loss")
+    logprob_chunk: int = knob(512, "rows of logits materialized at a time when computing log-probs")
+    # Set by the caller, not knobs: the tokenizer's ids, and truncated sampling, which GRPO refuses (below).
     stop_token: Optional[int] = None  # ends a completion (and counts in its mask)
     pad_token: int = 0
-    scale_rewards: str = "group"     # "group" | "batch" | "none"
-    adv_eps: float = 1e-6            # added to the std before dividing
-    eps_low: float = 0.2             # clip: rho >= 1 - eps_low
-    eps_high: float = 0.2            # clip: rho <= 1 + eps_high
-    beta: float = 0.0                # KL penalty weight; 0 keeps no reference model
-    loss_type: str = "grpo"          # "grpo" | "dapo" | "dr_grpo"
-    importance_level: str = "token"  # "token" | "sequence" (GSPO)
-    num_iterations: int = 1          # optimizer passes over one rollout batch
-    minibatch_size: Optional[int] = None  # rows per optimizer step; None = whole batch
-    max_grad_norm: float = 1.0       # gradient clipping; 0 or less turns it off
-    reward_weights: Optional[tuple] = None  # one weight per reward function; None = all 1
-    dynamic_sampling: bool = False   # DAPO: drop zero-spread groups and sample more prompts
-    max_sampling_rounds: int = 4     # cap on sampling rounds when dynamic_sampling is on
-    overlong_buffer: int = 0         # DAPO: soft length penalty over the last this-many tokens; 0 = off
-    mask_truncated: bool = False     # DAPO: completions without a stop token are left out of the loss
-    logprob_chunk: int = 512         # rows of logits materialized at a time when computing log-probs
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
 
     def __post_init__(self):
         check_choice("scale_rewards", self.scale_rewards, SCALES)
@@ -238,7 +245,6 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
     LORA_BASE for a LoRA policy (model.add_lora), whose reference is itself with the adapters off.
     learner: data_parallel(policy), built once, under torch.distributed; it averages the gradients."""
     check_step_arguments(policy, prompts, examples, config, reference, learner)
-    learner = learner or PolicyLogprobs(policy)
     autocast = autocast or contextlib.nullcontext()  # e.g. torch.autocast("cuda", dtype=torch.bfloat16)
     t0 = time.perf_counter()
 
@@ -256,34 +262,54 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
 
     # 2. Advantages, one per completion, broadcast over its tokens inside the loss.
     advantages = group_advantages(rewards, config.group_size, config.scale_rewards, config.adv_eps)
+    minibatches = torch.arange(len(rewards), device=rewards.device).split(config.minibatch_size or len(rewards))
+
+    # 3. pi_old's log-probs (only when the policy moves before this rollout's last use) and the reference's
+    #    (only with a KL term), computed once, without gradients.
+    with torch.no_grad(), autocast:
+        old_logp, ref_logp = frozen_logprobs(policy, reference, samples, minibatches, config)
+
+    # 4. num_iterations passes of clipped-ratio updates over minibatches of the rollout.
+    policy.train()
+    history = update_passes(policy, learner or PolicyLogprobs(policy), optimizer, samples, advantages, old_logp,
+                            ref_logp, minibatches, config, autocast)
+    t2 = time.perf_counter()
+    return {**metrics, **update_metrics(history), "skipped": 0.0, "time_sample_s": t1 - t0, "time_learn_s": t2 - t1}
+
+
+def logprobs(module, samples, rows, config, with_entropy=False):
+    """(log-probs, entropies or None) of the rollout's completion tokens in `rows`, under a PolicyLogprobs
+    module (or the learner, its DDP wrapper), at the sampling temperature; each group's prompt runs once."""
+    return module(samples.tokens[rows], samples.prompt_len, samples.valid[rows], config.temperature,
+                  config.logprob_chunk, config.group_size, with_entropy)
+
+
+def frozen_logprobs(policy, reference, samples, minibatches, config):
+    """(pi_old's log-probs or None, the reference's or None). With one optimizer step per rollout the policy being
+    trained IS pi_old, so none are needed (rho = 1 exactly). The reference is `reference`, or for
+    reference=LORA_BASE the policy with its LoRA adapters switched off."""
+    old_logp = ref_logp = None
+    if config.num_iterations * len(minibatches) > 1:
+        old_logp = torch.cat([logprobs(PolicyLogprobs(policy), samples, rows, config)[0] for rows in minibatches])
+    if config.beta > 0:
+        with adapters_off(policy) if reference == LORA_BASE else contextlib.nullcontext():
+            frozen = PolicyLogprobs(policy if reference == LORA_BASE else reference)
+            ref_logp = torch.cat([logprobs(frozen, samples, rows, config)[0] for rows in minibatches])
+    return old_logp, ref_logp
+
+
+def update_passes(policy, learner, optimizer, samples, advantages, old_logp, ref_logp, minibatches, config,
+                  autocast):
+    """num_iterations passes over the minibatches, one optimizer step each. Returns each step's stats."""
     mask = samples.completion_mask
     if config.mask_truncated:  # DAPO: a completion cut off by the length cap says nothing about its reward
         mask = mask * (~samples.truncated).float()[:, None]
-    minibatches = torch.arange(len(rewards), device=mask.device).split(config.minibatch_size or len(rewards))
-
-    # 3. pi_old's log-probs, only when the policy moves before the last use of this rollout (otherwise
-    #    pi_old == pi_theta exactly); the reference's, only with a KL term. Neither needs gradients.
-    def logprobs(module, rows, with_entropy=False):  # module: a PolicyLogprobs, or the learner (DDP-wrapped)
-        return module(samples.tokens[rows], samples.prompt_len, samples.valid[rows], config.temperature,
-                      config.logprob_chunk, config.group_size, with_entropy)
-
-    old_logp = ref_logp = None
-    with torch.no_grad(), autocast:
-        if config.num_iterations * len(minibatches) > 1:
-            old_logp = torch.cat([logprobs(PolicyLogprobs(policy), rows)[0] for rows in minibatches])
-        if config.beta > 0:
-            with adapters_off(policy) if reference == LORA_BASE else contextlib.nullcontext():
-                frozen = PolicyLogprobs(policy if reference == LORA_BASE else reference)
-                ref_logp = torch.cat([logprobs(frozen, rows)[0] for rows in minibatches])
-
-    # 4. num_iterations passes of clipped-ratio updates over minibatches of the rollout.
     normalizer = loss_normalizer(mask, config, len(minibatches))
-    policy.train()
     history = []
     for _ in range(config.num_iterations):
         for rows in minibatches:
             with autocast:
-                logp, entropy = logprobs(learner, rows, with_entropy=True)
+                logp, entropy = logprobs(learner, samples, rows, config, with_entropy=True)
             old = old_logp[rows] if old_logp is not None else logp.detach()  # one step: rho == 1 exactly
             loss, stats = grpo_loss(logp, old, advantages[rows], mask[rows],
                                     ref_logp[rows] if ref_logp is not None else None,
@@ -300,8 +326,7 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
             stats.update(loss=loss.item(), grad_norm=grad_norm,
                          entropy=entropy[keep].mean().item() if keep.any() else 0.0)
             history.append(stats)
-    t2 = time.perf_counter()
-    return {**metrics, **update_metrics(history), "skipped": 0.0, "time_sample_s": t1 - t0, "time_learn_s": t2 - t1}
+    return history
 
 
 def rollout(policy, prompts, examples, reward_fns, config, generator, decode):

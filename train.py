@@ -13,7 +13,6 @@ The run folder (--out_dir) gets config.json, metrics.jsonl (one JSON object per 
 
 import dataclasses
 import difflib
-import hashlib
 import importlib
 import json
 import math
@@ -21,6 +20,7 @@ import os
 import random
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -29,6 +29,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import grpo
+from checkpoint import (CheckpointError, atomic_save, latest_checkpoint, load_checkpoint, read_checkpoint,
+                        save_checkpoint, truncate_logs)
 from data.tokenizer import gpt2_encoding
 from model import (GPT, GPTConfig, add_lora, check_lora_rank, config_from_dict, load_state_dict_checked,
                    merge_lora, pad_left, sample)
@@ -39,11 +41,13 @@ def opt(default, help):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(grpo.GRPOConfig):
+    """The flags: every GRPO knob of grpo.GRPOConfig (the one source of their defaults) and the run's own below.
+    The last block is the one place where the default run departs from GRPOConfig, with the reason."""
     # task and run
     task: str = opt("addition", "task module under data/: addition (the default run), wordle, countdown, summary")
     out_dir: str = opt("runs/default", "run folder")
-    resume: bool = opt(False, "continue the run in out_dir from its checkpoint")
+    resume: bool = opt(False, "continue the run in out_dir from its checkpoint, as configured there")
     overwrite: bool = opt(False, "replace a finished or different run in out_dir")
     init_from: str = opt("scratch", "scratch, a checkpoint of ours (.pt), or a local GPT-2 directory (HF layout)")
     seed: int = opt(1337, "seed of the run (model init, data, sampling)")
@@ -61,27 +65,11 @@ class TrainConfig:
     sft_batch_size: int = opt(64, "demonstrations per warm-start step")
     sft_lr: float = opt(3e-3, "warm-start peak learning rate (warmup, then cosine to 10%)")
     sft_player: str = opt("", "reference player whose games are the demonstrations; empty = the task's default")
-    # stage 2: GRPO
+    # stage 2: GRPO (the algorithm's knobs are GRPOConfig's)
     grpo_steps: int = opt(300, "GRPO iterations (0 skips the stage)")
     prompts_per_step: int = opt(16, "prompts per GRPO step (split across processes)")
-    group_size: int = opt(8, "completions sampled per prompt")
-    num_iterations: int = opt(2, "optimizer passes over each rollout batch (>1 makes the clip act)")
-    minibatch_size: int = opt(0, "rows per optimizer step within a pass; 0 = the whole batch")
     lr: float = opt(3e-4, "GRPO learning rate (constant after a 5-step warmup)")
     weight_decay: float = opt(0.0, "AdamW weight decay on matrices")
-    eps_low: float = opt(0.2, "clip range below 1")
-    eps_high: float = opt(0.2, "clip range above 1 (0.28 = DAPO clip-higher)")
-    beta: float = opt(0.04, "KL penalty to the warm-start model (DeepSeekMath's 0.04); 0 keeps no reference model")
-    loss_type: str = opt("grpo", "grpo, dapo or dr_grpo: how token terms are averaged")
-    scale_rewards: str = opt("group", "group, batch or none (Dr. GRPO): advantage scaling")
-    importance_level: str = opt("token", "token, or sequence (GSPO)")
-    temperature: float = opt(1.0, "sampling temperature during GRPO")
-    max_new_tokens: int = opt(0, "completion length cap, tokens; 0 = the task's MAX_NEW_TOKENS")
-    reward_weights: str = opt("", "comma-separated weights, one per task reward; empty = the task's defaults")
-    max_grad_norm: float = opt(1.0, "gradient clipping; 0 = off")
-    dynamic_sampling: bool = opt(False, "DAPO dynamic sampling")
-    mask_truncated: bool = opt(False, "DAPO: leave completions without a stop token out of the loss")
-    overlong_buffer: int = opt(0, "DAPO soft overlong penalty width, tokens; 0 = off")
     lora_rank: int = opt(0, "GRPO trains rank-r LoRA adapters only (base frozen, KL reference = adapters off); "
                             "0 = off")
     lora_alpha: float = opt(16.0, "LoRA output scale alpha / rank")
@@ -93,44 +81,133 @@ class TrainConfig:
     checkpoint_interval: int = opt(50, "steps between checkpoints, in either stage")
     reference_players: bool = opt(True, "evaluate the task's reference players for the final table")
     wandb: bool = opt(False, "also log to Weights & Biases (needs wandb installed and configured)")
+    # ---- Where the default run departs from GRPOConfig's defaults, and why ----
+    beta: float = opt(0.04, "KL penalty to the warm-start model: DeepSeekMath's 0.04, which kept the default run's "
+                            "KL per token below 0.1 (GRPOConfig: 0, no reference model)")
+    num_iterations: int = opt(2, "optimizer passes over each rollout: 2, so that the clip acts (GRPOConfig: 1, "
+                                 "where rho is exactly 1)")
+    max_new_tokens: int = opt(0, "completion length cap, tokens; 0 = the task's MAX_NEW_TOKENS")
+
+    def __post_init__(self):
+        world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; checked before any process group exists
+        checks = [(self.task in TASKS, f"--task must be one of {', '.join(TASKS)}"),
+                  (self.prompts_per_step >= 1 and self.sft_batch_size >= 1,
+                   "--prompts_per_step and --sft_batch_size must be at least 1"),
+                  (self.prompts_per_step % world == 0 and self.sft_batch_size % world == 0,
+                   f"--prompts_per_step and --sft_batch_size must be multiples of the {world} processes (each "
+                   f"process takes an equal share)"),
+                  (self.sft_steps >= 0 and self.grpo_steps >= 0, "step counts cannot be negative"),
+                  (self.block_size >= 0 and self.max_new_tokens >= 0, "sizes cannot be negative"),
+                  (self.lr > 0 and self.sft_lr > 0, "learning rates must be positive"),
+                  (self.lora_rank >= 0, "--lora_rank cannot be negative (0 turns LoRA off)"),
+                  (self.eval_interval >= 1 and self.checkpoint_interval >= 1 and self.eval_games >= 1,
+                   "--eval_interval, --checkpoint_interval and --eval_games must be at least 1"),
+                  (self.log_samples >= 0 and self.threads >= 0, "--log_samples and --threads cannot be negative"),
+                  (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+                   f"--device={self.device!r} is not auto, cpu, cuda, cuda:N or mps"),
+                  (self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16")]
+        for name, valid in (("loss_type", grpo.LOSS_TYPES), ("scale_rewards", grpo.SCALES),
+                            ("importance_level", grpo.IMPORTANCE_LEVELS)):
+            checks.append((getattr(self, name) in valid,
+                           f"--{name}={getattr(self, name)!r} is not one of {', '.join(valid)}"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.reward_weights is not None:
+            self.reward_weights = tuple(self.reward_weights)  # config.json holds a list
+        if self.max_new_tokens:  # 0 waits for the task's size (parse_config)
+            super().__post_init__()  # every GRPO knob: ranges, clip, minibatches, weights
+
+
+TASKS = ("addition", "wordle", "countdown", "summary")
+NOT_FLAGS = ("stop_token", "pad_token", "top_k", "top_p")  # set from the tokenizer, or refused during GRPO
+
+
+def grpo_config(cfg, enc):
+    """The GRPOConfig part of the run's config, with the tokenizer's stop and pad tokens."""
+    end, pad = end_and_pad(enc)
+    knobs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(grpo.GRPOConfig)}
+    return grpo.GRPOConfig(**{**knobs, "stop_token": end, "pad_token": pad})
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config from the command line: --key=value (or --flag for booleans), nothing else
+# Config from the command line: --key=value (or --flag for booleans), nothing else. Every flag and every
+# combination is checked here, before anything is built.
+
+
+def flags():
+    return {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in NOT_FLAGS}
 
 
 def parse_config(argv):
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    known = flags()
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        for f in fields.values():
-            print(f"  --{f.name}={f.default!s:<12} {f.metadata['help']}")
+        for f in known.values():
+            default = "unset" if f.default is None else f.default
+            print(f"  --{f.name}={default!s:<12} {f.metadata['help']}")
         sys.exit(0)
     values = {}
     for arg in argv:
         if not arg.startswith("--"):
             raise SystemExit(f"error: expected --key=value, got {arg!r}")
         key, has_value, raw = arg[2:].partition("=")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
             raise SystemExit(f"error: unknown option --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
                                                                 if close else "; see --help"))
-        kind = type(fields[key].default)
+        kind = flag_type(known[key])
         if kind is bool and not has_value:
             values[key] = True
             continue
         try:
             values[key] = parse_value(raw, kind)
         except ValueError:
-            raise SystemExit(f"error: --{key}={raw!r} is not a valid {kind.__name__}") from None
-    cfg = TrainConfig(**values)
-    check_config(cfg)
-    task = importlib.import_module(f"data.{cfg.task}")  # zeros mean "the task's own size"
-    cfg.block_size = cfg.block_size or task.BLOCK_SIZE
-    cfg.max_new_tokens = cfg.max_new_tokens or task.MAX_NEW_TOKENS
+            raise SystemExit(f"error: --{key}={raw!r} is not a valid {describe(kind)}") from None
+    try:
+        cfg = TrainConfig(**values)
+        task = importlib.import_module(f"data.{cfg.task}")  # zeros and unset values: the task's own
+        reward_fns, default_weights = task.reward_functions()
+        cfg = dataclasses.replace(cfg, block_size=cfg.block_size or task.BLOCK_SIZE,
+                                  max_new_tokens=cfg.max_new_tokens or task.MAX_NEW_TOKENS,
+                                  reward_weights=cfg.reward_weights or tuple(default_weights))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if len(cfg.reward_weights) != len(reward_fns):
+        raise SystemExit(f"error: --reward_weights has {len(cfg.reward_weights)} values for {len(reward_fns)} "
+                         f"rewards ({', '.join(f.__name__ for f in reward_fns)})")
+    if (cfg.sft_player or task.DEFAULT_PLAYER) not in task.reference_players():
+        raise SystemExit(f"error: --sft_player={cfg.sft_player!r} is not one of "
+                         f"{', '.join(task.reference_players())}")
     if cfg.resume:
         cfg = resumed_config(cfg, set(values))
     return cfg
+
+
+def flag_type(f):
+    """A field's type, Optional[...] unwrapped."""
+    if typing.get_origin(f.type) is typing.Union:
+        return next(t for t in typing.get_args(f.type) if t is not type(None))
+    return f.type
+
+
+def describe(kind):
+    return "comma-separated list of numbers" if kind is tuple else kind.__name__
+
+
+def parse_value(raw, kind):
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if kind is tuple:
+        return tuple(parse_value(part, float) for part in raw.split(","))
+    value = kind(raw)
+    if kind is float and not math.isfinite(value):
+        raise ValueError(raw)
+    return value
 
 
 SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "threads", "wandb")  # they change no number the run computes
@@ -148,55 +225,16 @@ def resumed_config(requested, given):
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if set(saved) - known:
         raise SystemExit(f"error: {path} has options this train.py does not know: {sorted(set(saved) - known)}")
+
+    def same(a, b):  # as JSON: a tuple and the list it was saved as are the same value
+        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
     differ = [f"--{k}: the run has {saved[k]!r}, the command line {getattr(requested, k)!r}"
               for k in sorted(given) if k not in SAFE_TO_CHANGE_ON_RESUME and k in saved
-              and saved[k] != getattr(requested, k)]
+              and not same(saved[k], getattr(requested, k))]
     if differ:
         raise SystemExit(f"error: --resume continues {requested.out_dir} as configured in its config.json, but "
                          f"these flags differ from it (drop them, or start a new run):\n  " + "\n  ".join(differ))
     return TrainConfig(**{**saved, **{k: getattr(requested, k) for k in SAFE_TO_CHANGE_ON_RESUME}})
-
-
-def parse_value(raw, kind):
-    if kind is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(raw)
-    value = kind(raw)
-    if kind is float and not math.isfinite(value):
-        raise ValueError(raw)
-    return value
-
-
-TASKS = ("addition", "wordle", "countdown", "summary")
-
-
-def check_config(cfg):
-    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; checked before any process group exists
-    checks = [(cfg.task in TASKS, f"task must be one of {', '.join(TASKS)}"),
-              (cfg.group_size >= 1, "group_size must be at least 1"),
-              (cfg.prompts_per_step >= 1, "prompts_per_step must be at least 1"),
-              (cfg.prompts_per_step % world == 0 and cfg.sft_batch_size % world == 0,
-               f"prompts_per_step and sft_batch_size must be multiples of the {world} processes (each process "
-               f"takes an equal share)"),
-              (cfg.sft_steps >= 0 and cfg.grpo_steps >= 0, "step counts cannot be negative"),
-              (cfg.max_new_tokens >= 0 and cfg.block_size >= 0, "sizes cannot be negative"),
-              (cfg.temperature > 0, "temperature must be positive during GRPO"),
-              (cfg.lr > 0 and cfg.sft_lr > 0, "learning rates must be positive"),
-              (cfg.beta >= 0, "beta cannot be negative"),
-              (cfg.lora_rank >= 0, "lora_rank cannot be negative (0 turns LoRA off)"),
-              (cfg.eval_interval >= 1 and cfg.checkpoint_interval >= 1, "intervals must be at least 1"),
-              (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:"), "unknown device"),
-              (cfg.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16")]
-    for ok, message in checks:
-        if not ok:
-            raise SystemExit(f"error: {message}")
-    for name, valid in (("loss_type", grpo.LOSS_TYPES), ("scale_rewards", grpo.SCALES),
-                        ("importance_level", grpo.IMPORTANCE_LEVELS)):
-        if getattr(cfg, name) not in valid:
-            raise SystemExit(f"error: --{name}={getattr(cfg, name)!r} is not one of {', '.join(valid)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,84 +343,6 @@ def sft_lr(step, total, peak):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, complete enough that a resumed run equals an uninterrupted one
-
-
-def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
-    """Called on every process: each one's random streams are saved (rank r resumes stream r), by rank 0."""
-    streams = {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}
-    every_rank = [streams]
-    if dist.is_initialized():
-        every_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(every_rank, streams)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage, "step": step,
-                 "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
-                 "rng": every_rank}
-        atomic_save(state, path, keep_previous=True)
-
-
-def atomic_save(obj, path, keep_previous=False):
-    """torch.save with a checksum of everything in obj, written to a temporary file and renamed over path (a
-    kill mid-write leaves the previous file intact); keep_previous keeps the file it replaces as *.prev.pt."""
-    torch.save({**obj, "sha256": digest(obj)}, path + ".tmp")
-    if keep_previous and os.path.exists(path):
-        os.replace(path, previous(path))
-    os.replace(path + ".tmp", path)
-
-
-def previous(path):
-    return path[:-len(".pt")] + ".prev.pt"
-
-
-def digest(obj):
-    """SHA-256 of a checkpoint's contents: tensors by dtype, shape and bytes, everything else by value."""
-    h = hashlib.sha256()
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(x, dict):
-            h.update(b"{")
-            for key in sorted(x, key=str):
-                h.update(repr(key).encode())
-                walk(x[key])
-            h.update(b"}")
-        elif isinstance(x, (list, tuple)):  # a tuple may come back from torch.load as a list
-            h.update(b"[")
-            for item in x:
-                walk(item)
-            h.update(b"]")
-        else:
-            h.update(repr(x).encode())
-    walk(obj)
-    return h.hexdigest()
-
-
-def read_checkpoint(path):
-    """A checkpoint of ours, verified against the checksum it was saved with. Raises CheckpointError."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except Exception as e:  # torch's own message would even suggest weights_only=False: never
-        raise CheckpointError(f"{path} is not a readable checkpoint: truncated or corrupt "
-                              f"({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "sha256" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (it has no checksum)")
-    saved = ckpt.pop("sha256")
-    if digest(ckpt) != saved:
-        raise CheckpointError(f"{path} is corrupt: its contents do not match the checksum they were saved with")
-    return ckpt
-
-
-class CheckpointError(Exception):
-    pass
-
-
 def run_tokenizer(cfg, task):
     """The task's tokenizer; GPT-2's weights mean GPT-2's token ids, so a run that started from a GPT-2
     directory reads its task through GPT-2's tokenizer."""
@@ -405,53 +365,6 @@ def load_run(run_dir):
     model = GPT(config_from_dict(ckpt["model_config"]))
     load_state_dict_checked(model, ckpt["model"], source=run_dir)
     return model.eval(), run_tokenizer(cfg, importlib.import_module(f"data.{cfg.task}")), cfg
-
-
-def latest_checkpoint(out_dir):
-    """(checkpoint, path): ckpt.pt, or when it fails its check, the one before it (ckpt.prev.pt)."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    try:
-        return read_checkpoint(path), path
-    except CheckpointError as e:
-        try:
-            ckpt = read_checkpoint(previous(path))
-        except CheckpointError as e2:
-            raise SystemExit(f"error: no good checkpoint to resume from:\n  {e}\n  {e2}") from None
-        print(f"warning: {e}; resuming from the one before it, {previous(path)} (step {ckpt['step']})")
-        return ckpt, previous(path)
-
-
-def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if len(ckpt["rng"]) != world:
-        raise SystemExit(f"error: {path} was written by {len(ckpt['rng'])} processes; resume it with as many "
-                         f"(this run has {world}), so that each one continues its own random streams")
-    load_state_dict_checked(model, ckpt["model"], source=path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    streams = ckpt["rng"][rank]
-    py = streams["python"]
-    rng.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(streams["torch"])
-    generator.set_state(streams["generator"])  # a CPU byte tensor, for a CUDA generator too
-    return ckpt["stage"], ckpt["step"]
-
-
-def truncate_logs(out_dir, stage, step):
-    """Drop log lines written after the checkpoint we resume from: they will be written again. The evaluation
-    at GRPO step s + 1 is logged before checkpoint s, and the resumed run does not redo it, so it stays."""
-    def keep(record):
-        if stage == "sft":
-            return record["stage"] == "sft" and record["step"] <= step
-        return (record["stage"] == "sft" or (record["stage"] == "grpo" and record["step"] <= step)
-                or (record["stage"] in ("eval", "samples") and record["step"] <= step + 1))
-
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records if keep(r))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,16 +431,17 @@ def sft_batch(pairs, enc, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Logging
 
 
 def log(run, record, line=None):
     """One JSON object per line in metrics.jsonl (rank 0), and optionally a dense line on the terminal."""
-    if run["rank"] != 0:
+    if run.rank != 0:
         return
-    with open(os.path.join(run["out_dir"], "metrics.jsonl"), "a") as f:
+    with open(os.path.join(run.cfg.out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
-    if run["wandb"] is not None:
-        run["wandb"].log({f"{record['stage']}/{k}": v for k, v in record.items()
+    if run.wandb is not None:
+        run.wandb.log({f"{record['stage']}/{k}": v for k, v in record.items()
                           if isinstance(v, (int, float)) and k != "step"}, step=record["step"])
     if line:
         tqdm.write(line)
@@ -548,11 +462,62 @@ def average_across_ranks(metrics):
     return {**metrics, **{k: v / dist.get_world_size() for k, v in means.items()}, **maxes}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline: config -> setup -> warm start -> GRPO -> evaluation -> table
+
+
 def main(argv):
-    cfg = parse_config(argv)
+    cfg = parse_config(argv)  # every flag and combination checked: nothing is built before
     if cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "eval.json")):
         print(f"{cfg.out_dir} is a finished run (its final table is in eval.json): nothing to resume")
         return None
+    run = setup(cfg)
+    model = new_model(run)
+    state = start(run, model)  # the optimizer and random streams, or where the checkpoint left them
+    evals = {}
+    if state.stage == "sft":
+        warm_start(run, model, state)
+        evals["warm start"] = begin_grpo(run, model, state)
+    else:  # resumed in stage 2: the warm start was evaluated before the run stopped
+        evals["warm start"] = previous_eval(cfg.out_dir, step=0)
+    train_grpo(run, model, state)
+    evals["GRPO"] = evaluate_and_log(run, model, step=cfg.grpo_steps)
+    if run.rank == 0:
+        final_table(run, evals)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return evals
+
+
+@dataclass
+class Run:
+    """What every stage reads: the config, the processes, the device, the task and its tokenizer."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object
+    dtype: str
+    task: object
+    enc: object
+    wandb: object = None
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.cfg.out_dir, "ckpt.pt")
+
+
+@dataclass
+class State:
+    """What changes as the run goes, besides the weights: all of it is in every checkpoint."""
+    optimizer: torch.optim.Optimizer
+    rng: random.Random           # data: prompts and demonstrations
+    generator: torch.Generator   # sampling
+    stage: str = "sft"
+    step: int = 0                # the next step to run
+
+
+def setup(cfg):
     rank, world = setup_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -562,172 +527,186 @@ def main(argv):
     if dist.is_initialized():
         dist.barrier()  # rank 0 has checked and prepared the run folder
     task = importlib.import_module(f"data.{cfg.task}")
-    sft_player = cfg.sft_player or task.DEFAULT_PLAYER
-    if sft_player not in task.reference_players():
-        raise SystemExit(f"error: --sft_player={sft_player!r} is not one of {', '.join(task.reference_players())}")
-    enc = run_tokenizer(cfg, task)
-    end, pad = end_and_pad(enc)
+    run = Run(cfg, rank, world, device, autocast, dtype, task, run_tokenizer(cfg, task))
+    if cfg.wandb and rank == 0:
+        import wandb  # optional, never required
+        run.wandb = wandb.init(project="nanogrpo", config=dataclasses.asdict(cfg), resume="allow")
+    return run
 
+
+def new_model(run):
+    """The policy: new or from --init_from, on the run's device, compiled if asked."""
+    cfg = run.cfg
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, enc.n_vocab)
+    model = build_model(cfg, run.enc.n_vocab)
     if cfg.lora_rank:
         try:
             check_lora_rank(cfg.lora_rank, model.config)  # now, not after the warm start
         except ValueError as e:
             raise SystemExit(f"error: --{e}") from None
-    if cfg.init_from == "scratch" and hasattr(task, "init_embeddings"):
-        task.init_embeddings(model.transformer.wte.weight, enc)  # a task may seed structure into its tokens
-    model.to(device)
+    if cfg.init_from == "scratch" and hasattr(run.task, "init_embeddings"):
+        run.task.init_embeddings(model.transformer.wte.weight, run.enc)  # a task may seed structure into tokens
+    model.to(run.device)
     if cfg.compile:
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)  # state_dict keys stay unprefixed
-    rng = random.Random(cfg.seed + 1000 * rank)  # each rank draws its own data
-    generator = torch.Generator(device).manual_seed(cfg.seed + 1000 * rank)
-    optimizer = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    stage, step = "sft", 0
+    if run.rank == 0:
+        print(f"task {cfg.task} | device {run.device} ({run.dtype}) x{run.world} | {model.num_params() / 1e6:.2f}M "
+              f"parameters + {model.transformer.wte.weight.numel() / 1e6:.2f}M embedding | vocab {run.enc.n_vocab}")
+    return model
+
+
+def start(run, model):
+    """A new run's optimizer and random streams (each rank draws its own data), or, with --resume, the
+    checkpoint's: weights, optimizer, stage, step and this rank's streams."""
+    cfg = run.cfg
+    state = State(make_optimizer(model, cfg.sft_lr, cfg.weight_decay), random.Random(cfg.seed + 1000 * run.rank),
+                  torch.Generator(run.device).manual_seed(cfg.seed + 1000 * run.rank))
     if cfg.resume:
         ckpt, loaded_from = latest_checkpoint(cfg.out_dir)
         saved = ckpt["model_config"]
         if saved.get("lora_rank"):  # it stopped in a LoRA stage 2: the adapters come first
             add_lora(model, saved["lora_rank"], saved["lora_alpha"], saved["lora_mlp"])
-            optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-        stage, step = load_checkpoint(ckpt, loaded_from, model, optimizer, rng, generator)
-        if rank == 0:
-            truncate_logs(cfg.out_dir, stage, step)
-            print(f"resumed {cfg.out_dir} at {stage} step {step}")
-        step += 1
-    resumed_in_grpo = cfg.resume and stage == "grpo"
-    run = {"rank": rank, "out_dir": cfg.out_dir, "wandb": None}
-    if cfg.wandb and rank == 0:
-        import wandb  # optional, never required
-        run["wandb"] = wandb.init(project="nanogrpo", config=dataclasses.asdict(cfg), resume="allow")
-    if rank == 0:
-        print(f"task {cfg.task} | device {device} ({dtype}) x{world} | {model.num_params() / 1e6:.2f}M parameters "
-              f"+ {model.transformer.wte.weight.numel() / 1e6:.2f}M embedding | vocab {enc.n_vocab}")
+            state.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        state.stage, state.step = load_checkpoint(ckpt, loaded_from, model, state.optimizer, state.rng,
+                                                  state.generator)
+        if run.rank == 0:
+            truncate_logs(cfg.out_dir, state.stage, state.step)
+            print(f"resumed {cfg.out_dir} at {state.stage} step {state.step}")
+        state.step += 1
+    return state
 
-    def checkpoint(stage_, step_):  # every process: each one's random streams go into the checkpoint
-        save_checkpoint(ckpt_path, model, optimizer, cfg, stage_, step_, rng, generator)
 
-    # ---- Stage 1: warm start ------------------------------------------------------------------------------------
-    if stage == "sft" and cfg.sft_steps > 0:
-        t0 = time.time()
-        learner = grpo.data_parallel(model)  # the log-probs; under torchrun it averages the gradients
-        bar = tqdm(range(step, cfg.sft_steps), desc="warm start", disable=rank != 0, initial=step,
-                   total=cfg.sft_steps)
-        for step in bar:
-            pairs = task.demonstrations(cfg.sft_batch_size // world, rng, sft_player)  # each its own share
-            tokens, valid, start, mask = sft_batch(pairs, enc, device)
-            lr = sft_lr(step, cfg.sft_steps, cfg.sft_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            with autocast:
-                logp, _ = learner(tokens, start, valid)
-            loss = -(logp * mask).sum() / mask.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            record = average_across_ranks({"loss": loss.item(), "lr": lr})
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            log(run, {"stage": "sft", "step": step, **record, "time_s": time.time() - t0})
-            if (step + 1) % cfg.checkpoint_interval == 0 or step == cfg.sft_steps - 1:
-                checkpoint("sft", step)
-        bar.close()
-    if stage == "sft":  # stage 1 is done (or has no steps)
-        stage, step = "grpo", 0
+def checkpoint(run, model, state, stage, step):  # every process: each one's random streams go into it
+    save_checkpoint(run.ckpt_path, model, state.optimizer, run.cfg, stage, step, state.rng, state.generator)
 
-    # ---- Stage 2: GRPO ---------------------------------------------------------------------------------------------
-    evals = {}
-    warm_path = os.path.join(cfg.out_dir, "warm_start.pt")
-    if not resumed_in_grpo:
-        if rank == 0:  # the model as stage 1 left it: the KL reference, and for comparisons later
-            atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, warm_path)
-        evals["warm start"] = evaluate_and_log(run, model, enc, task, cfg, autocast, step=0)
-        if cfg.lora_rank:  # from here on only the adapters train
-            add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)
-        # A fresh optimizer: the warm start's AdamW moments would move the weights even when every advantage
-        # is 0 (measured: up to 5e-5 on the first step), a push from the supervised loss, not from rewards.
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-        checkpoint("grpo", -1)  # so a resume from here does not redo stage 1
+
+def warm_start(run, model, state):
+    """Stage 1: supervised learning on the task's demonstrations, the loss on completion tokens only."""
+    cfg = run.cfg
+    learner = grpo.data_parallel(model)  # the log-probs; under torchrun it averages the gradients
+    player = cfg.sft_player or run.task.DEFAULT_PLAYER
+    t0 = time.time()
+    bar = tqdm(range(state.step, cfg.sft_steps), desc="warm start", disable=run.rank != 0, initial=state.step,
+               total=cfg.sft_steps)
+    for step in bar:
+        pairs = run.task.demonstrations(cfg.sft_batch_size // run.world, state.rng, player)  # each its own share
+        tokens, valid, start, mask = sft_batch(pairs, run.enc, run.device)
+        lr = sft_lr(step, cfg.sft_steps, cfg.sft_lr)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        with run.autocast:
+            logp, _ = learner(tokens, start, valid)
+        loss = -(logp * mask).sum() / mask.sum()
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        state.optimizer.step()
+        record = average_across_ranks({"loss": loss.item(), "lr": lr})
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        log(run, {"stage": "sft", "step": step, **record, "time_s": time.time() - t0})
+        if (step + 1) % cfg.checkpoint_interval == 0 or step == cfg.sft_steps - 1:
+            checkpoint(run, model, state, "sft", step)
+    bar.close()
+    state.stage, state.step = "grpo", 0
+
+
+def begin_grpo(run, model, state):
+    """Between the stages: keep the warm-start model (the KL reference, and the comparison), evaluate it, add
+    LoRA adapters if asked, and start a fresh optimizer. Returns the warm start's evaluation."""
+    cfg = run.cfg
+    if run.rank == 0:
+        atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)},
+                    warm_start_path(cfg))
+    result = evaluate_and_log(run, model, step=0)
+    if cfg.lora_rank:  # from here on only the adapters train
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)
+    # A fresh optimizer: the warm start's AdamW moments would move the weights even when every advantage is 0
+    # (measured: up to 5e-5 on the first step), a push from the supervised loss, not from rewards.
+    state.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    checkpoint(run, model, state, "grpo", -1)  # so a resume from here does not redo stage 1
+    return result
+
+
+def warm_start_path(cfg):
+    return os.path.join(cfg.out_dir, "warm_start.pt")
+
+
+def train_grpo(run, model, state):
+    """Stage 2: GRPO from rewards alone, one grpo.grpo_step per step, evaluations and checkpoints between."""
+    cfg, task, enc = run.cfg, run.task, run.enc
     learner = grpo.data_parallel(model)  # after add_lora: DDP hooks the parameters that train
-    reference = None
-    if cfg.beta > 0 and cfg.lora_rank:
-        reference = grpo.LORA_BASE  # the policy with its adapters off: the warm-start model
-    elif cfg.beta > 0:  # the frozen warm-start policy; with beta = 0 no second model exists at all
-        reference = GPT(model.config).to(device).eval().requires_grad_(False)
-        try:
-            load_state_dict_checked(reference, read_checkpoint(warm_path)["model"], source=warm_path)
-        except CheckpointError as e:
-            raise SystemExit(f"error: the KL reference: {e}") from None
-    try:
-        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
-    except ValueError:
-        raise SystemExit(f"error: --reward_weights={cfg.reward_weights!r} is not comma-separated numbers") from None
-    reward_fns, default_weights = task.reward_functions()
-    if weights is not None and len(weights) != len(reward_fns):
-        raise SystemExit(f"error: --reward_weights has {len(weights)} values for {len(reward_fns)} rewards "
-                         f"({', '.join(f.__name__ for f in reward_fns)})")
-    grpo_config = grpo.GRPOConfig(
-        group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        stop_token=end, pad_token=pad, scale_rewards=cfg.scale_rewards,
-        eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, loss_type=cfg.loss_type,
-        importance_level=cfg.importance_level, num_iterations=cfg.num_iterations,
-        minibatch_size=cfg.minibatch_size or None, max_grad_norm=cfg.max_grad_norm,
-        reward_weights=tuple(weights or default_weights), dynamic_sampling=cfg.dynamic_sampling,
-        overlong_buffer=cfg.overlong_buffer, mask_truncated=cfg.mask_truncated)
-    prompts_here = cfg.prompts_per_step // world
+    reference = kl_reference(run, model)
+    config = grpo_config(cfg, enc)
+    reward_fns, _ = task.reward_functions()
 
     def draw(n):
-        examples = task.training_examples(n, rng)
+        examples = task.training_examples(n, state.rng)
         return [enc.encode(task.prompt(ex), allowed_special="all") for ex in examples], examples
 
     t0 = time.time()
-    for step in range(max(step, 0), cfg.grpo_steps):
-        for group in optimizer.param_groups:
+    for step in range(max(state.step, 0), cfg.grpo_steps):
+        for group in state.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / 5)
-        prompts, examples = draw(prompts_here)
+        prompts, examples = draw(cfg.prompts_per_step // run.world)
         try:
-            metrics = grpo.grpo_step(model, optimizer, prompts, examples, reward_fns, grpo_config,
-                                     reference=reference, generator=generator, decode=enc.decode, refill=draw,
-                                     autocast=autocast, learner=learner)
+            metrics = grpo.grpo_step(model, state.optimizer, prompts, examples, reward_fns, config,
+                                     reference=reference, generator=state.generator, decode=enc.decode,
+                                     refill=draw, autocast=run.autocast, learner=learner)
         except FloatingPointError as e:  # raised before the optimizer step: the weights are still good
-            raise SystemExit(f"error: stopped at GRPO step {step}: {e}. The last good checkpoint is {ckpt_path}")
+            raise SystemExit(f"error: stopped at GRPO step {step}: {e}. The last good checkpoint is "
+                             f"{run.ckpt_path}") from None
         m = average_across_ranks(metrics)
-        log(run, {"stage": "grpo", "step": step, **m, "time_s": time.time() - t0},
-            f"step {step:4d} | reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f} | "
-            f"zero-std {m['zero_std_frac']:.2f} | clip {m.get('clip_low_frac', 0) + m.get('clip_high_frac', 0):.3f} | "
-            f"kl {m.get('kl', 0):.4f} | ent {m.get('entropy', 0):.2f} | len {m['completion_len']:.1f} | "
-            f"{m['time_sample_s'] + m['time_learn_s']:.2f} s")
+        log(run, {"stage": "grpo", "step": step, **m, "time_s": time.time() - t0}, step_line(step, m))
         if (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.grpo_steps:
-            evaluate_and_log(run, model, enc, task, cfg, autocast, step=step + 1)
+            evaluate_and_log(run, model, step=step + 1)
         if (step + 1) % cfg.checkpoint_interval == 0 or step == cfg.grpo_steps - 1:
-            checkpoint("grpo", step)
-
-    # ---- Final table ------------------------------------------------------------------------------------------------
-    if "warm start" not in evals:
-        evals["warm start"] = previous_eval(cfg.out_dir, step=0)
-    evals["GRPO"] = evaluate_and_log(run, model, enc, task, cfg, autocast, step=cfg.grpo_steps)
-    if rank == 0:
-        if cfg.reference_players:
-            for name, player in task.reference_players(random.Random(cfg.seed)).items():
-                evals[f"player: {name}"] = task.evaluate(player, cfg.eval_games)
-        table = {name: {k: v for k, v in r.items() if k != "transcripts"} for name, r in evals.items() if r}
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump(table, f, indent=1)
-        print_table(table, task.HEADLINE)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return evals
+            checkpoint(run, model, state, "grpo", step)
 
 
-def evaluate_and_log(run, model, enc, task, cfg, autocast, step):
-    result = evaluate_model(model, enc, task, cfg, autocast) if run["rank"] == 0 else None
-    if run["rank"] == 0:
+def kl_reference(run, model):
+    """The KL term's reference: none at beta = 0 (no second model exists at all), the LoRA policy's own base
+    (adapters off), or the frozen warm-start model."""
+    cfg = run.cfg
+    if cfg.beta == 0:
+        return None
+    if cfg.lora_rank:
+        return grpo.LORA_BASE
+    reference = GPT(model.config).to(run.device).eval().requires_grad_(False)
+    try:
+        load_state_dict_checked(reference, read_checkpoint(warm_start_path(cfg))["model"],
+                                source=warm_start_path(cfg))
+    except CheckpointError as e:
+        raise SystemExit(f"error: the KL reference: {e}") from None
+    return reference
+
+
+def step_line(step, m):
+    return (f"step {step:4d} | reward {m['reward_mean']:.3f} ± {m['reward_std']:.3f} | "
+            f"zero-std {m['zero_std_frac']:.2f} | clip {m['clip_low_frac'] + m['clip_high_frac']:.3f} | "
+            f"kl {m['kl']:.4f} | ent {m['entropy']:.2f} | len {m['completion_len']:.1f} | "
+            f"{m['time_sample_s'] + m['time_learn_s']:.2f} s")
+
+
+def final_table(run, evals):
+    """The warm start, GRPO and the task's reference players, in eval.json and on the terminal."""
+    cfg = run.cfg
+    if cfg.reference_players:
+        for name, player in run.task.reference_players(random.Random(cfg.seed)).items():
+            evals[f"player: {name}"] = run.task.evaluate(player, cfg.eval_games)
+    table = {name: {k: v for k, v in r.items() if k != "transcripts"} for name, r in evals.items() if r}
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    print_table(table, run.task.HEADLINE)
+
+
+def evaluate_and_log(run, model, step):
+    result = evaluate_model(model, run.enc, run.task, run.cfg, run.autocast) if run.rank == 0 else None
+    if run.rank == 0:
         summary = {k: v for k, v in result.items() if k != "transcripts"}
         log(run, {"stage": "eval", "step": step, **summary},
             f"eval @ {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
-        with open(os.path.join(cfg.out_dir, "samples.jsonl"), "a") as f:
+        with open(os.path.join(run.cfg.out_dir, "samples.jsonl"), "a") as f:
             f.write(json.dumps({"stage": "samples", "step": step, "transcripts": result.get("transcripts", [])}) + "\n")
     if dist.is_initialized():
         dist.barrier()

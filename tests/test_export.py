@@ -86,7 +86,6 @@ def test_transformers_reads_the_export_to_the_same_logits_and_ids(exported_run, 
     transformers = pytest.importorskip("transformers")
     model, enc, hf_dir = exported_run
     theirs = transformers.GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     texts = task_texts("addition")
     idx = torch.tensor([enc.encode(texts[0], allowed_special="all")])
     with torch.no_grad():

@@ -1,0 +1,138 @@
+"""
+Checkpoints: atomic, verified, complete enough that a resumed run equals an uninterrupted one.
+
+A checkpoint holds the model's state dict (uncompiled names), the optimizer, the stage and step, the run's config
+and model config as plain data, every process's random streams, and a SHA-256 of all of that, checked whenever it
+is read. Saving renames the previous checkpoint to ckpt.prev.pt, so a corrupt ckpt.pt never costs the run.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from model import load_state_dict_checked
+
+
+def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
+    """Called on every process: each one's random streams are saved (rank r resumes stream r), by rank 0."""
+    streams = {"python": rng.getstate(), "torch": torch.get_rng_state(), "generator": generator.get_state()}
+    every_rank = [streams]
+    if dist.is_initialized():
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, streams)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage, "step": step,
+                 "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
+                 "rng": every_rank}
+        atomic_save(state, path, keep_previous=True)
+
+
+def atomic_save(obj, path, keep_previous=False):
+    """torch.save with a checksum of everything in obj, written to a temporary file and renamed over path (a
+    kill mid-write leaves the previous file intact); keep_previous keeps the file it replaces as *.prev.pt."""
+    torch.save({**obj, "sha256": digest(obj)}, path + ".tmp")
+    if keep_previous and os.path.exists(path):
+        os.replace(path, previous(path))
+    os.replace(path + ".tmp", path)
+
+
+def previous(path):
+    return path[:-len(".pt")] + ".prev.pt"
+
+
+def digest(obj):
+    """SHA-256 of a checkpoint's contents: tensors by dtype, shape and bytes, everything else by value."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for key in sorted(x, key=str):
+                h.update(repr(key).encode())
+                walk(x[key])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):  # a tuple may come back from torch.load as a list
+            h.update(b"[")
+            for item in x:
+                walk(item)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def read_checkpoint(path):
+    """A checkpoint of ours, verified against the checksum it was saved with. Raises CheckpointError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except Exception as e:  # torch's own message would even suggest weights_only=False: never
+        raise CheckpointError(f"{path} is not a readable checkpoint: truncated or corrupt "
+                              f"({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "sha256" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it has no checksum)")
+    saved = ckpt.pop("sha256")
+    if digest(ckpt) != saved:
+        raise CheckpointError(f"{path} is corrupt: its contents do not match the checksum they were saved with")
+    return ckpt
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def latest_checkpoint(out_dir):
+    """(checkpoint, path): ckpt.pt, or when it fails its check, the one before it (ckpt.prev.pt)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    try:
+        return read_checkpoint(path), path
+    except CheckpointError as e:
+        try:
+            ckpt = read_checkpoint(previous(path))
+        except CheckpointError as e2:
+            raise SystemExit(f"error: no good checkpoint to resume from:\n  {e}\n  {e2}") from None
+        print(f"warning: {e}; resuming from the one before it, {previous(path)} (step {ckpt['step']})")
+        return ckpt, previous(path)
+
+
+def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(ckpt["rng"]) != world:
+        raise SystemExit(f"error: {path} was written by {len(ckpt['rng'])} processes; resume it with as many "
+                         f"(this run has {world}), so that each one continues its own random streams")
+    load_state_dict_checked(model, ckpt["model"], source=path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    streams = ckpt["rng"][rank]
+    py = streams["python"]
+    rng.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(streams["torch"])
+    generator.set_state(streams["generator"])  # a CPU byte tensor, for a CUDA generator too
+    return ckpt["stage"], ckpt["step"]
+
+
+def truncate_logs(out_dir, stage, step):
+    """Drop log lines written after the checkpoint we resume from: they will be written again. The evaluation
+    at GRPO step s + 1 is logged before checkpoint s, and the resumed run does not redo it, so it stays."""
+    def keep(record):
+        if stage == "sft":
+            return record["stage"] == "sft" and record["step"] <= step
+        return (record["stage"] == "sft" or (record["stage"] == "grpo" and record["step"] <= step)
+                or (record["stage"] in ("eval", "samples") and record["step"] <= step + 1))
+
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records if keep(r))
