@@ -238,231 +238,6 @@ def resumed_config(requested, given):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Setup helpers
-
-
-def setup_distributed(cfg):
-    """torchrun sets RANK and WORLD_SIZE: then one process per device (gloo on CPU, nccl on CUDA)."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def pick_device(cfg):
-    if cfg.device != "auto":
-        return torch.device(f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" and dist.is_initialized()
-                            else cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_autocast(cfg, device):
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
-        return nullcontext(), dtype
-    return torch.autocast(device.type, dtype=torch.bfloat16), dtype
-
-
-RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "ckpt.prev.pt", "warm_start.pt")
-
-
-def prepare_out_dir(cfg, rank):
-    """Refuse to mix two runs in one folder: an existing run needs --resume (same run) or --overwrite.
-    Rank 0 alone checks and writes; the others wait at a barrier (checking too would race with its writes)."""
-    if rank != 0:
-        return
-    # A folder whose start-up failed before its first checkpoint holds nothing to keep: it is simply re-run.
-    has_run = any(os.path.exists(os.path.join(cfg.out_dir, name)) for name in ("ckpt.pt", "ckpt.prev.pt"))
-    if has_run and not (cfg.resume or cfg.overwrite):
-        raise SystemExit(f"error: {cfg.out_dir} already holds a run; pass --resume to continue it or "
-                         f"--overwrite to replace it (or choose another --out_dir)")
-    if cfg.resume and not has_run:
-        raise SystemExit(f"error: --resume but {cfg.out_dir} has no checkpoint (the run stopped before its first "
-                         f"one): run the same command without --resume to start it again")
-    if cfg.resume:
-        return  # config.json is the run's, and stays as it is
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    for name in RUN_FILES:
-        if os.path.exists(os.path.join(cfg.out_dir, name)):
-            os.remove(os.path.join(cfg.out_dir, name))
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-
-
-def build_model(cfg, vocab_size):
-    """A new GPT, or one loaded from a checkpoint of ours or a GPT-2 directory. Its shape is model.config."""
-    if cfg.init_from == "scratch":
-        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd))
-    if os.path.isdir(cfg.init_from):  # a GPT-2 in the Hugging Face layout; main() gave us its tokenizer
-        model = GPT.from_pretrained(cfg.init_from)
-        if model.config.vocab_size < vocab_size:
-            raise SystemExit(f"error: {cfg.init_from} has {model.config.vocab_size} token embeddings but its "
-                             f"tokenizer has {vocab_size} tokens")
-        return model
-    try:
-        ckpt = read_checkpoint(cfg.init_from)
-    except CheckpointError as e:
-        raise SystemExit(f"error: --init_from: {e}") from None
-    config = config_from_dict(ckpt["model_config"])
-    if config.vocab_size != vocab_size:
-        raise SystemExit(f"error: {cfg.init_from} was trained with a vocabulary of {config.vocab_size}, the task's "
-                         f"tokenizer has {vocab_size}")
-    model = GPT(config)
-    load_state_dict_checked(model, ckpt["model"], source=cfg.init_from)
-    if config.lora_rank:  # a LoRA run's result: fold its adapters in and start from the plain model
-        merge_lora(model)
-    return model
-
-
-def make_optimizer(model, lr, weight_decay):
-    """AdamW; weight decay only on matrices (not biases, norms, or the position table)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:  # frozen under LoRA
-            continue
-        (decay if p.dim() >= 2 and "wpe" not in name else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
-
-
-def sft_lr(step, total, peak):
-    warmup = max(1, total // 20)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def run_tokenizer(cfg, task):
-    """The task's tokenizer; GPT-2's weights mean GPT-2's token ids, so a run that started from a GPT-2
-    directory reads its task through GPT-2's tokenizer."""
-    return gpt2_encoding(cfg.init_from, task_specials=True) if os.path.isdir(cfg.init_from) else task.tokenizer()
-
-
-def load_run(run_dir):
-    """(model, tokenizer, config) of a run folder: its config.json and its latest good checkpoint, on the CPU,
-    in eval mode. For export.py and sample.py."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
-    with open(path) as f:
-        saved = json.load(f)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(saved, dict) or set(saved) - known:
-        raise SystemExit(f"error: {path} is not a config of this train.py")
-    cfg = TrainConfig(**saved)
-    ckpt, _ = latest_checkpoint(run_dir)
-    model = GPT(config_from_dict(ckpt["model_config"]))
-    load_state_dict_checked(model, ckpt["model"], source=run_dir)
-    return model.eval(), run_tokenizer(cfg, importlib.import_module(f"data.{cfg.task}")), cfg
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: the model as a task player (greedy, as it will be used)
-
-
-def end_and_pad(enc):
-    """The ids of <|end|> (stops a completion) and <|pad|> in the run's tokenizer."""
-    return enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
-
-
-def model_player(model, enc, task, max_new_tokens, autocast, temperature=0.0, generator=None):
-    """The model as a task player: greedy by default (as it will be used), or sampled at a temperature."""
-    end, pad = end_and_pad(enc)
-
-    def play(examples):
-        prompts = [enc.encode(task.prompt(ex), allowed_special="all") for ex in examples]
-        texts = []
-        for i in range(0, len(prompts), 256):
-            with autocast:
-                s = sample(model, prompts[i:i + 256], max_new_tokens=max_new_tokens, temperature=temperature,
-                           stop_token=end, pad_token=pad, generator=generator)
-            texts += [enc.decode(tokens) for tokens in s.completion_tokens(end)]
-        return texts
-    return play
-
-
-def evaluate_model(model, enc, task, cfg, autocast):
-    """Held-out evaluation, greedy and sampled at temperature 1. GRPO optimizes the sampled policy, and the
-    two can move differently (a flat distribution's argmax is fragile): both are reported. The sampled pass
-    has its own fixed-seed generator, so every evaluation sees the same random draws and the training
-    generator is untouched (a resumed run stays exact)."""
-    model.eval()
-    device = model.transformer.wte.weight.device
-    greedy = model_player(model, enc, task, cfg.max_new_tokens, autocast)
-    result = task.evaluate(greedy, cfg.eval_games, keep_games=cfg.log_samples)
-    sampled = model_player(model, enc, task, cfg.max_new_tokens, autocast, temperature=1.0,
-                           generator=torch.Generator(device).manual_seed(cfg.seed))
-    for key, value in task.evaluate(sampled, cfg.eval_games).items():
-        if key in task.HEADLINE:
-            result[f"sampled_{key}"] = value
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage 1: supervised warm start on demonstrations (loss on completion tokens only)
-
-
-def sft_batch(pairs, enc, device):
-    """Left-padded prompts then right-padded completions + <|end|>, so every completion starts in one column."""
-    end, pad = end_and_pad(enc)
-    prompts = [enc.encode(p, allowed_special="all") for p, _ in pairs]
-    completions = [enc.encode(c) + [end] for _, c in pairs]
-    prompt_tokens, prompt_valid = pad_left(prompts, pad, device)
-    width = max(len(c) for c in completions)
-    comp = torch.full((len(pairs), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(pairs), width)
-    for i, c in enumerate(completions):
-        comp[i, :len(c)] = torch.tensor(c)
-        mask[i, :len(c)] = 1
-    tokens = torch.cat([prompt_tokens, comp.to(device)], 1)
-    valid = torch.cat([prompt_valid, torch.ones_like(comp, dtype=torch.bool, device=device)], 1)
-    return tokens, valid, prompt_tokens.size(1), mask.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Logging
-
-
-def log(run, record, line=None):
-    """One JSON object per line in metrics.jsonl (rank 0), and optionally a dense line on the terminal."""
-    if run.rank != 0:
-        return
-    with open(os.path.join(run.cfg.out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if run.wandb is not None:
-        run.wandb.log({f"{record['stage']}/{k}": v for k, v in record.items()
-                          if isinstance(v, (int, float)) and k != "step"}, step=record["step"])
-    if line:
-        tqdm.write(line)
-
-
-def average_across_ranks(metrics):
-    """The mean over processes of each figure; the max of a *_max figure."""
-    if not dist.is_initialized():
-        return metrics
-    def reduced(keys, op):
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=grpo.collective_device())
-        dist.all_reduce(values, op=op)
-        return dict(zip(keys, values.tolist()))
-
-    floats = [k for k, v in metrics.items() if isinstance(v, float)]
-    means = reduced([k for k in floats if not k.endswith("_max")], dist.ReduceOp.SUM)
-    maxes = reduced([k for k in floats if k.endswith("_max")], dist.ReduceOp.MAX)
-    return {**metrics, **{k: v / dist.get_world_size() for k, v in means.items()}, **maxes}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The pipeline: config -> setup -> warm start -> GRPO -> evaluation -> table
 
 
@@ -711,6 +486,235 @@ def evaluate_and_log(run, model, step):
     if dist.is_initialized():
         dist.barrier()
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK and WORLD_SIZE: then one process per device (gloo on CPU, nccl on CUDA)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pick_device(cfg):
+    if cfg.device != "auto":
+        return torch.device(f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" and dist.is_initialized()
+                            else cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_autocast(cfg, device):
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return nullcontext(), dtype
+    return torch.autocast(device.type, dtype=torch.bfloat16), dtype
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "ckpt.prev.pt", "warm_start.pt")
+
+
+def prepare_out_dir(cfg, rank):
+    """Refuse to mix two runs in one folder: an existing run needs --resume (same run) or --overwrite.
+    Rank 0 alone checks and writes; the others wait at a barrier (checking too would race with its writes)."""
+    if rank != 0:
+        return
+    # A folder whose start-up failed before its first checkpoint holds nothing to keep: it is simply re-run.
+    has_run = any(os.path.exists(os.path.join(cfg.out_dir, name)) for name in ("ckpt.pt", "ckpt.prev.pt"))
+    if has_run and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"error: {cfg.out_dir} already holds a run; pass --resume to continue it or "
+                         f"--overwrite to replace it (or choose another --out_dir)")
+    if cfg.resume and not has_run:
+        raise SystemExit(f"error: --resume but {cfg.out_dir} has no checkpoint (the run stopped before its first "
+                         f"one): run the same command without --resume to start it again")
+    if cfg.resume:
+        return  # config.json is the run's, and stays as it is
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(cfg.out_dir, name)):
+            os.remove(os.path.join(cfg.out_dir, name))
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+
+def build_model(cfg, vocab_size):
+    """A new GPT, or one loaded from a checkpoint of ours or a GPT-2 directory. Its shape is model.config."""
+    if cfg.init_from == "scratch":
+        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd))
+    if os.path.isdir(cfg.init_from):  # a GPT-2 in the Hugging Face layout; main() gave us its tokenizer
+        model = GPT.from_pretrained(cfg.init_from)
+        if model.config.vocab_size < vocab_size:
+            raise SystemExit(f"error: {cfg.init_from} has {model.config.vocab_size} token embeddings but its "
+                             f"tokenizer has {vocab_size} tokens")
+        return model
+    try:
+        ckpt = read_checkpoint(cfg.init_from)
+    except CheckpointError as e:
+        raise SystemExit(f"error: --init_from: {e}") from None
+    config = config_from_dict(ckpt["model_config"])
+    if config.vocab_size != vocab_size:
+        raise SystemExit(f"error: {cfg.init_from} was trained with a vocabulary of {config.vocab_size}, the task's "
+                         f"tokenizer has {vocab_size}")
+    model = GPT(config)
+    load_state_dict_checked(model, ckpt["model"], source=cfg.init_from)
+    if config.lora_rank:  # a LoRA run's result: fold its adapters in and start from the plain model
+        merge_lora(model)
+    return model
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW; weight decay only on matrices (not biases, norms, or the position table)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen under LoRA
+            continue
+        (decay if p.dim() >= 2 and "wpe" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
+
+
+def sft_lr(step, total, peak):
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_tokenizer(cfg, task):
+    """The task's tokenizer; GPT-2's weights mean GPT-2's token ids, so a run that started from a GPT-2
+    directory reads its task through GPT-2's tokenizer."""
+    return gpt2_encoding(cfg.init_from, task_specials=True) if os.path.isdir(cfg.init_from) else task.tokenizer()
+
+
+def load_run(run_dir):
+    """(model, tokenizer, config) of a run folder: its config.json and its latest good checkpoint, on the CPU,
+    in eval mode. For export.py and sample.py."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
+    with open(path) as f:
+        saved = json.load(f)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or set(saved) - known:
+        raise SystemExit(f"error: {path} is not a config of this train.py")
+    cfg = TrainConfig(**saved)
+    ckpt, _ = latest_checkpoint(run_dir)
+    model = GPT(config_from_dict(ckpt["model_config"]))
+    load_state_dict_checked(model, ckpt["model"], source=run_dir)
+    return model.eval(), run_tokenizer(cfg, importlib.import_module(f"data.{cfg.task}")), cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: the model as a task player (greedy, as it will be used)
+
+
+def end_and_pad(enc):
+    """The ids of <|end|> (stops a completion) and <|pad|> in the run's tokenizer."""
+    return enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+
+
+def model_player(model, enc, task, max_new_tokens, autocast, temperature=0.0, generator=None):
+    """The model as a task player: greedy by default (as it will be used), or sampled at a temperature."""
+    end, pad = end_and_pad(enc)
+
+    def play(examples):
+        prompts = [enc.encode(task.prompt(ex), allowed_special="all") for ex in examples]
+        texts = []
+        for i in range(0, len(prompts), 256):
+            with autocast:
+                s = sample(model, prompts[i:i + 256], max_new_tokens=max_new_tokens, temperature=temperature,
+                           stop_token=end, pad_token=pad, generator=generator)
+            texts += [enc.decode(tokens) for tokens in s.completion_tokens(end)]
+        return texts
+    return play
+
+
+def evaluate_model(model, enc, task, cfg, autocast):
+    """Held-out evaluation, greedy and sampled at temperature 1. GRPO optimizes the sampled policy, and the
+    two can move differently (a flat distribution's argmax is fragile): both are reported. The sampled pass
+    has its own fixed-seed generator, so every evaluation sees the same random draws and the training
+    generator is untouched (a resumed run stays exact)."""
+    model.eval()
+    device = model.transformer.wte.weight.device
+    greedy = model_player(model, enc, task, cfg.max_new_tokens, autocast)
+    result = task.evaluate(greedy, cfg.eval_games, keep_games=cfg.log_samples)
+    sampled = model_player(model, enc, task, cfg.max_new_tokens, autocast, temperature=1.0,
+                           generator=torch.Generator(device).manual_seed(cfg.seed))
+    for key, value in task.evaluate(sampled, cfg.eval_games).items():
+        if key in task.HEADLINE:
+            result[f"sampled_{key}"] = value
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: supervised warm start on demonstrations (loss on completion tokens only)
+
+
+def sft_batch(pairs, enc, device):
+    """Left-padded prompts then right-padded completions + <|end|>, so every completion starts in one column."""
+    end, pad = end_and_pad(enc)
+    prompts = [enc.encode(p, allowed_special="all") for p, _ in pairs]
+    completions = [enc.encode(c) + [end] for _, c in pairs]
+    prompt_tokens, prompt_valid = pad_left(prompts, pad, device)
+    width = max(len(c) for c in completions)
+    comp = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(pairs), width)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)] = torch.tensor(c)
+        mask[i, :len(c)] = 1
+    tokens = torch.cat([prompt_tokens, comp.to(device)], 1)
+    valid = torch.cat([prompt_valid, torch.ones_like(comp, dtype=torch.bool, device=device)], 1)
+    return tokens, valid, prompt_tokens.size(1), mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+def log(run, record, line=None):
+    """One JSON object per line in metrics.jsonl (rank 0), and optionally a dense line on the terminal."""
+    if run.rank != 0:
+        return
+    with open(os.path.join(run.cfg.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run.wandb is not None:
+        run.wandb.log({f"{record['stage']}/{k}": v for k, v in record.items()
+                          if isinstance(v, (int, float)) and k != "step"}, step=record["step"])
+    if line:
+        tqdm.write(line)
+
+
+def average_across_ranks(metrics):
+    """The mean over processes of each figure; the max of a *_max figure."""
+    if not dist.is_initialized():
+        return metrics
+    def reduced(keys, op):
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=grpo.collective_device())
+        dist.all_reduce(values, op=op)
+        return dict(zip(keys, values.tolist()))
+
+    floats = [k for k, v in metrics.items() if isinstance(v, float)]
+    means = reduced([k for k in floats if not k.endswith("_max")], dist.ReduceOp.SUM)
+    maxes = reduced([k for k in floats if k.endswith("_max")], dist.ReduceOp.MAX)
+    return {**metrics, **{k: v / dist.get_world_size() for k, v in means.items()}, **maxes}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The final table
 
 
 def previous_eval(out_dir, step):
