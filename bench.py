@@ -269,7 +269,7 @@ def bench_grpo(model, device, repeats):
     rollout = sample(model, prompts, group_size=8, max_new_tokens=64, generator=g)
 
     def learn(group_size):
-        token_logprobs(model, rollout.tokens, rollout.prompt_len, group_size=group_size).sum().backward()
+        token_logprobs(model, rollout.tokens, rollout.prompt_len, group_size=group_size)[0].sum().backward()
 
     for group_size in (8, 1):
         out[f"learn_pass_group{group_size}_s"] = timed(functools.partial(learn, group_size), device, repeats)

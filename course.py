@@ -142,14 +142,14 @@ def loss_mistakes(seed=0):
 
     def gradient(old_logp):
         policy.zero_grad()
-        logp = token_logprobs(policy, s.tokens, s.prompt_len, valid=s.valid)
+        logp, _ = token_logprobs(policy, s.tokens, s.prompt_len, valid=s.valid)
         loss, stats = grpo.grpo_loss(logp, old_logp, advantages, mask)
         loss.backward()
         return torch.cat([p.grad.flatten() for p in policy.parameters()]), stats
 
     with torch.no_grad():
-        logp_old = token_logprobs(policy, s.tokens, s.prompt_len, valid=s.valid)
-        logp_ref = token_logprobs(reference, s.tokens, s.prompt_len, valid=s.valid)
+        logp_old, _ = token_logprobs(policy, s.tokens, s.prompt_len, valid=s.valid)
+        logp_ref, _ = token_logprobs(reference, s.tokens, s.prompt_len, valid=s.valid)
     right, stats_old = gradient(logp_old)
     wrong, stats_ref = gradient(logp_ref)
 

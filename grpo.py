@@ -470,9 +470,8 @@ class PolicyLogprobs(torch.nn.Module):
         self.policy = policy
 
     def forward(self, tokens, start, valid, temperature=1.0, chunk_size=512, group_size=1, with_entropy=False):
-        out = token_logprobs(self.policy, tokens, start, valid=valid, temperature=temperature,
-                             chunk_size=chunk_size, with_entropy=with_entropy, group_size=group_size)
-        return out if with_entropy else (out, None)
+        return token_logprobs(self.policy, tokens, start, valid=valid, temperature=temperature,
+                              chunk_size=chunk_size, with_entropy=with_entropy, group_size=group_size)
 
 
 def data_parallel(policy):

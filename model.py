@@ -26,30 +26,7 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The network
-
-
-class Linear(nn.Linear):
-    """nn.Linear with an optional low-rank adapter (LoRA, Hu et al. 2021): y = x W^T + b + (alpha / r) x A^T B^T.
-    A (r, in) starts random and B (out, r) at zero, so a new adapter changes nothing until it is trained; only
-    A and B train, W stays frozen. `adapter_on = False` computes the base layer alone: the reference policy."""
-    def __init__(self, in_features, out_features, bias=True):
-        super().__init__(in_features, out_features, bias=bias)
-        self.register_parameter("lora_A", None)  # no adapter until add_adapter
-        self.register_parameter("lora_B", None)
-        self.adapter_on = True
-
-    def add_adapter(self, rank, alpha):
-        self.lora_A = nn.Parameter(self.weight.new_empty(rank, self.in_features))
-        self.lora_B = nn.Parameter(self.weight.new_zeros(self.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, and the LoRA paper's
-        self.lora_scale = alpha / rank
-
-    def forward(self, x):
-        y = super().forward(x)
-        if self.lora_A is not None and self.adapter_on:
-            y = y + (x @ self.lora_A.t()) @ self.lora_B.t() * self.lora_scale
-        return y
+# The network: GPT-2. (Linear is nn.Linear that can also carry a LoRA adapter: see the LoRA section.)
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,35 +79,6 @@ class Block(nn.Module):
     def forward(self, x, attn_mask, cache, layer):
         x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
-
-
-class KVCache:
-    """Keys and values of every layer; `length` positions are filled. With max_len they are preallocated and
-    written in place (sampling, under no_grad). Without, each update concatenates: slower, but autograd can
-    differentiate through it, which lets a training pass run a group's shared prompt once (token_logprobs)."""
-
-    def __init__(self, n_layer, max_len=None):
-        self.max_len, self.length = max_len, 0
-        self.k, self.v = [None] * n_layer, [None] * n_layer
-
-    def update(self, layer, k, v):  # k, v: (B, nh, T, hs) of the new tokens -> all so far (B, nh, past + T, hs)
-        if self.max_len is None:
-            if self.k[layer] is not None:
-                k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
-            self.k[layer], self.v[layer] = k, v
-            return k, v
-        if self.k[layer] is None:
-            self.k[layer] = k.new_empty(k.size(0), k.size(1), self.max_len, k.size(3))
-            self.v[layer] = torch.empty_like(self.k[layer])
-        end = self.length + k.size(2)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def repeat_rows(self, n):
-        """Row i becomes rows i*n .. i*n+n-1: a prompt prefilled once serves its whole group."""
-        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
-        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
 
 
 @dataclass
@@ -222,61 +170,36 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LoRA: train a few low-rank matrices instead of the whole model (the course fine-tunes its policy so)
-
-
-def adapted_layers(model, mlp):
-    for block in model.transformer.h:
-        yield from (block.attn.c_attn, block.attn.c_proj)
-        if mlp:
-            yield from (block.mlp.c_fc, block.mlp.c_proj)
-
-
-def check_lora_rank(rank, config):
-    if not 1 <= rank <= config.n_embd:
-        raise ValueError(f"lora_rank={rank} must be between 1 and the layer width n_embd={config.n_embd}")
-
-
-def add_lora(model, rank, alpha=16.0, mlp=False):
-    """Freeze every weight of `model` and add rank-`rank` adapters to the attention projections (and the MLP's
-    with mlp=True). The config records it, so checkpoints rebuild the same model. Returns the model."""
-    check_lora_rank(rank, model.config)
-    if any(layer.lora_A is not None for layer in adapted_layers(model, True)):
-        raise ValueError("the model already has LoRA adapters")
-    model.requires_grad_(False)
-    for layer in adapted_layers(model, mlp):
-        layer.add_adapter(rank, alpha)
-    model.config.lora_rank, model.config.lora_alpha, model.config.lora_mlp = rank, float(alpha), mlp
-    return model
-
-
-@contextmanager
-def adapters_off(model):
-    """Within the block the model computes without its adapters: the frozen base model, which is the KL
-    reference of a LoRA policy. No second copy of the weights is kept."""
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
-    for layer in layers:
-        layer.adapter_on = False
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.adapter_on = True
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """Fold each adapter into its weight (W += alpha / r * B A) and remove it: a plain GPT that computes the
-    same function, for export or fast inference. Every weight trains again afterwards."""
-    for layer in (m for m in model.modules() if isinstance(m, Linear) and m.lora_A is not None):
-        layer.weight += layer.lora_scale * (layer.lora_B @ layer.lora_A).to(layer.weight.dtype)
-        layer.lora_A = layer.lora_B = None
-    model.config.lora_rank = 0
-    return model.requires_grad_(True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Sampling groups of completions
+
+
+class KVCache:
+    """Keys and values of every layer; `length` positions are filled. With max_len they are preallocated and
+    written in place (sampling, under no_grad). Without, each update concatenates: slower, but autograd can
+    differentiate through it, which lets a training pass run a group's shared prompt once (token_logprobs)."""
+
+    def __init__(self, n_layer, max_len=None):
+        self.max_len, self.length = max_len, 0
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def update(self, layer, k, v):  # k, v: (B, nh, T, hs) of the new tokens -> all so far (B, nh, past + T, hs)
+        if self.max_len is None:
+            if self.k[layer] is not None:
+                k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(k.size(0), k.size(1), self.max_len, k.size(3))
+            self.v[layer] = torch.empty_like(self.k[layer])
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def repeat_rows(self, n):
+        """Row i becomes rows i*n .. i*n+n-1: a prompt prefilled once serves its whole group."""
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
 
 
 @dataclass
@@ -382,7 +305,40 @@ def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Token log-probabilities, chunked
+# Token log-probabilities: log_softmax(logits / temperature)[token], shifted by one
+
+
+def token_logprobs(model, tokens, start, *, valid=None, temperature=1.0, chunk_size=512, with_entropy=False,
+                   group_size=1):
+    """(log pi(tokens[:, t] | tokens[:, :t]) for every t >= start, and the entropy of each of those
+    distributions when with_entropy, else None), each (B, T - start) float32.
+
+    The logit at position t-1 scores token t (the shift by one). Logits are divided by the sampling temperature,
+    so these are the log-probs of the distribution the tokens were actually drawn from. group_size > 1: rows come
+    in groups that share their first `start` tokens (a GRPO rollout), and each prompt runs once per group."""
+    if temperature <= 0:
+        temperature = 1.0  # greedy decoding has no temperature; score under the model itself
+    B, T = tokens.shape
+    if group_size > 1 and T - start > 1:
+        h = grouped_hidden_states(model, tokens, start, valid, group_size)
+    else:
+        h = model.hidden_states(tokens, valid)[:, start - 1:-1]  # (B, T - start, C): positions that predict
+    target = tokens[:, start:]
+    # = (model.lm_head(h) / temperature).log_softmax(-1).gather(-1, target), in chunks of rows (speed section)
+    logp, entropy = logprobs_from_hidden(h.reshape(-1, h.size(-1)), model.lm_head.weight, target.reshape(-1),
+                                         temperature, chunk_size, with_entropy)
+    return logp.view(B, T - start), entropy.view(B, T - start) if with_entropy else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed (skippable): the same log-probs without a (B, T, V) float32 tensor, and a group's shared prompt
+# run once. Both are tested against the plain computation, values and gradients.
+
+
+def logprobs_from_hidden(h, weight, target, temperature=1.0, chunk_size=512, with_entropy=False):
+    """(logp, entropy or None) of targets (N,) under logits h (N, C) @ weight (V, C).T / temperature, chunked."""
+    logp, entropy = _ChunkedTokenLogprob.apply(h, weight, target, temperature, chunk_size, with_entropy)
+    return logp, entropy if with_entropy else None
 
 
 class _ChunkedTokenLogprob(torch.autograd.Function):
@@ -438,33 +394,6 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         return grad_h, grad_w.to(weight.dtype), None, None, None, None
 
 
-def logprobs_from_hidden(h, weight, target, temperature=1.0, chunk_size=512, with_entropy=False):
-    """(logp, entropy or None) of targets (N,) under logits h (N, C) @ weight (V, C).T / temperature, chunked."""
-    logp, entropy = _ChunkedTokenLogprob.apply(h, weight, target, temperature, chunk_size, with_entropy)
-    return logp, entropy if with_entropy else None
-
-
-def token_logprobs(model, tokens, start, *, valid=None, temperature=1.0, chunk_size=512, with_entropy=False,
-                   group_size=1):
-    """log pi(tokens[:, t] | tokens[:, :t]) for every t >= start, as (B, T - start) float32.
-
-    The logit at position t-1 scores token t (the shift by one). Logits are divided by the sampling temperature,
-    so these are the log-probs of the distribution the tokens were actually drawn from. group_size > 1: rows come
-    in groups that share their first `start` tokens (a GRPO rollout), and each prompt runs once per group."""
-    if temperature <= 0:
-        temperature = 1.0  # greedy decoding has no temperature; score under the model itself
-    B, T = tokens.shape
-    if group_size > 1 and T - start > 1:
-        h = grouped_hidden_states(model, tokens, start, valid, group_size)
-    else:
-        h = model.hidden_states(tokens, valid)[:, start - 1:-1]  # (B, T - start, C): positions that predict
-    target = tokens[:, start:]
-    logp, entropy = logprobs_from_hidden(h.reshape(-1, h.size(-1)), model.lm_head.weight, target.reshape(-1),
-                                         temperature, chunk_size, with_entropy)
-    logp = logp.view(B, T - start)
-    return (logp, entropy.view(B, T - start)) if with_entropy else logp
-
-
 def grouped_hidden_states(model, tokens, start, valid, group_size):
     """model.hidden_states(tokens, valid)[:, start - 1:-1], with each group's shared prompt computed once.
 
@@ -489,6 +418,83 @@ def grouped_hidden_states(model, tokens, start, valid, group_size):
     # The completion's last token predicts nothing, so it never enters: inputs are tokens[start : T - 1].
     h_rest = model.hidden_states(tokens[:, start:-1], valid[:, :-1] if valid is not None else None, cache)
     return torch.cat([h_prompt.repeat_interleave(G, 0), h_rest], 1)  # (B, T - start, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA: train a few low-rank matrices instead of the whole model (the course fine-tunes its policy so)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with an optional low-rank adapter (LoRA, Hu et al. 2021): y = x W^T + b + (alpha / r) x A^T B^T.
+    A (r, in) starts random and B (out, r) at zero, so a new adapter changes nothing until it is trained; only
+    A and B train, W stays frozen. `adapter_on = False` computes the base layer alone: the reference policy."""
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_parameter("lora_A", None)  # no adapter until add_adapter
+        self.register_parameter("lora_B", None)
+        self.adapter_on = True
+
+    def add_adapter(self, rank, alpha):
+        self.lora_A = nn.Parameter(self.weight.new_empty(rank, self.in_features))
+        self.lora_B = nn.Parameter(self.weight.new_zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init, and the LoRA paper's
+        self.lora_scale = alpha / rank
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_A is not None and self.adapter_on:
+            y = y + (x @ self.lora_A.t()) @ self.lora_B.t() * self.lora_scale
+        return y
+
+
+def adapted_layers(model, mlp):
+    for block in model.transformer.h:
+        yield from (block.attn.c_attn, block.attn.c_proj)
+        if mlp:
+            yield from (block.mlp.c_fc, block.mlp.c_proj)
+
+
+def check_lora_rank(rank, config):
+    if not 1 <= rank <= config.n_embd:
+        raise ValueError(f"lora_rank={rank} must be between 1 and the layer width n_embd={config.n_embd}")
+
+
+def add_lora(model, rank, alpha=16.0, mlp=False):
+    """Freeze every weight of `model` and add rank-`rank` adapters to the attention projections (and the MLP's
+    with mlp=True). The config records it, so checkpoints rebuild the same model. Returns the model."""
+    check_lora_rank(rank, model.config)
+    if any(layer.lora_A is not None for layer in adapted_layers(model, True)):
+        raise ValueError("the model already has LoRA adapters")
+    model.requires_grad_(False)
+    for layer in adapted_layers(model, mlp):
+        layer.add_adapter(rank, alpha)
+    model.config.lora_rank, model.config.lora_alpha, model.config.lora_mlp = rank, float(alpha), mlp
+    return model
+
+
+@contextmanager
+def adapters_off(model):
+    """Within the block the model computes without its adapters: the frozen base model, which is the KL
+    reference of a LoRA policy. No second copy of the weights is kept."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    for layer in layers:
+        layer.adapter_on = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapter_on = True
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold each adapter into its weight (W += alpha / r * B A) and remove it: a plain GPT that computes the
+    same function, for export or fast inference. Every weight trains again afterwards."""
+    for layer in (m for m in model.modules() if isinstance(m, Linear) and m.lora_A is not None):
+        layer.weight += layer.lora_scale * (layer.lora_B @ layer.lora_A).to(layer.weight.dtype)
+        layer.lora_A = layer.lora_B = None
+    model.config.lora_rank = 0
+    return model.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -158,14 +158,14 @@ def test_at_ratio_one_the_gradient_is_reinforce_with_the_group_baseline():
     mask = s.completion_mask.double()
 
     model.zero_grad()
-    logp = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    logp, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
     loss, stats = grpo_loss(logp, logp.detach(), A, mask)
     loss.backward()
     ours = [p.grad.clone() for p in model.parameters()]
     assert stats["clip_low_frac"] == stats["clip_high_frac"] == 0 and stats["ratio_mean"] == 1
 
     model.zero_grad()
-    logp = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    logp, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
     reinforce = -sum(A[i] * (logp[i] * mask[i]).sum() / mask[i].sum() for i in range(len(A))) / len(A)
     reinforce.backward()
     for a, b in zip(ours, [p.grad for p in model.parameters()]):
@@ -346,7 +346,7 @@ def test_sampled_token_frequencies_match_logprobs_at_the_sampling_temperature():
                generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(s.completion[:, 0], minlength=50).double() / 20_000
     tokens = torch.tensor([[1, 2, 3, t] for t in range(50)])
-    at = {T: token_logprobs(model, tokens, 3, temperature=T)[:, 0].exp() for T in (0.5, 1.0)}
+    at = {T: token_logprobs(model, tokens, 3, temperature=T)[0][:, 0].exp() for T in (0.5, 1.0)}
     assert (freq - at[0.5]).abs().max() < 0.015
     assert (freq - at[1.0]).abs().max() > 0.1
 

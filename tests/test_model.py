@@ -124,9 +124,9 @@ def test_chunked_logprobs_match_naive_values_and_gradients(chunk_size):
         (logp * weights).sum().backward()
         results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
     (lp1, ent1, g1), (lp2, ent2, g2) = results
-    without_entropy = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
-                                     chunk_size=chunk_size)
-    assert torch.equal(without_entropy.detach(), lp1)  # skipping the entropy pass changes no log-prob
+    without_entropy, none = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
+                                           chunk_size=chunk_size)
+    assert none is None and torch.equal(without_entropy.detach(), lp1)  # skipping the entropy pass changes no log-prob
     torch.testing.assert_close(lp1, lp2, rtol=0, atol=1e-5)
     torch.testing.assert_close(ent1, ent2, rtol=0, atol=1e-5)
     for a, b in zip(g1, g2):  # float32 sums in another order: agreement to a few ulps of the largest entry
@@ -187,7 +187,8 @@ def test_group_shared_prompt_gives_the_plain_values_and_gradients(prompts):
     results = []
     for group_size in (3, 1):
         model.zero_grad()
-        logp = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.8, group_size=group_size)
+        logp, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.8,
+                                  group_size=group_size)
         (logp * weights).sum().backward()
         results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
     (lp_shared, g_shared), (lp_plain, g_plain) = results
@@ -212,7 +213,7 @@ def test_logprobs_score_each_token_by_the_previous_position():
     # Independent check of the shift: log p(token t) computed by running the prefix alone, one token at a time.
     model = tiny_gpt()
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    logp = token_logprobs(model, tokens, start=2)
+    logp, _ = token_logprobs(model, tokens, start=2)
     for t in range(2, 6):
         logits, _ = model(tokens[:, :t])
         expected = logits[0, -1].log_softmax(-1)[tokens[0, t]]
@@ -222,9 +223,9 @@ def test_logprobs_score_each_token_by_the_previous_position():
 def test_bf16_autocast_paths_run_and_stay_close():
     model = tiny_gpt(dtype=torch.float32)
     s = sample(model, PROMPTS, max_new_tokens=6, group_size=2, generator=torch.Generator().manual_seed(0))
-    exact = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    exact, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+        low, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
         sample(model, PROMPTS, max_new_tokens=4, group_size=2, generator=torch.Generator().manual_seed(0))
     assert low.dtype == torch.float32
     assert (low - exact).abs().max() < 0.1
