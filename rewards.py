@@ -7,8 +7,9 @@ same cases are a parametrized table in tests/test_rewards.py.
 
 Sections: generic helpers (length penalty, weighted combination), Wordle (the course's running example:
 format, use of feedback, information gain, win, partial credit), addition (the toy task for fast tests),
-Countdown (a safe arithmetic parser: model output is parsed, never eval'd), the quiz reward for summaries, and
-an LLM-as-judge reward (the only batched one: a judge model grades a whole batch in one forward pass).
+Countdown (a safe arithmetic parser: model output is parsed, never eval'd), and the quiz reward for summaries.
+No torch and no model here: the LLM-as-judge reward, which runs a model, lives with the task that uses it
+(data/summary.py).
 """
 
 import operator
@@ -16,10 +17,6 @@ import re
 from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
-
-import torch
-
-from model import pad_left
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generic
@@ -348,38 +345,3 @@ def quiz_reward(completion, example):
         return 0.0
     text = completion[:2000]  # bounded work on huge strings: only the first 2,000 characters are read
     return sum(answer_question(text, n, a) == v for n, a, v in example["quiz"]) / len(example["quiz"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LLM as a judge (lesson 5): a judge model grades each completion from a rubric prompt.
-#
-# Asking the judge to write "Grade: 4" and parsing the text throws away what it knows: its next-token
-# probabilities over the grade tokens say how sure it is. The reward is the expected grade under those
-# probabilities, renormalized over the grade tokens only and scaled to [0, 1]: smooth, and never unparsable.
-
-
-def llm_judge(judge, encode, make_prompt, grade_tokens, batch_size=64, name="llm_judge"):
-    """A batched reward function: reward(completions, examples) -> list of floats in [0, 1].
-    judge: a GPT (ours, or GPT.from_pretrained); encode: text -> token ids in the judge's vocabulary;
-    make_prompt(completion, example) -> the rubric text, ending where the grade token comes next;
-    grade_tokens: the token ids of the grades, worst first (for example the ids of "1".."5").
-    Prompts longer than the judge's context keep their end, where the question is."""
-    grades = torch.linspace(0.0, 1.0, len(grade_tokens), dtype=torch.float64)
-    grade_ids = torch.tensor(grade_tokens)
-
-    @torch.no_grad()
-    def reward(completions, examples):
-        device = next(judge.parameters()).device
-        limit = judge.config.block_size
-        prompts = [encode(make_prompt(c, ex))[-limit:] for c, ex in zip(completions, examples)]
-        scores = []
-        for i in range(0, len(prompts), batch_size):
-            tokens, valid = pad_left(prompts[i:i + batch_size], 0, device)
-            # Only the last position's logits are needed (left padding: the last column is real), so the
-            # vocabulary projection runs on it alone, not on every position (B x T x 50257 for GPT-2).
-            h = judge.hidden_states(tokens, valid)[:, -1]  # (B, C)
-            last = judge.lm_head(h)[:, grade_ids.to(device)].double()
-            scores += (last.softmax(-1).cpu() @ grades).tolist()
-        return scores
-    reward.__name__, reward.batched = name, True
-    return reward

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from data.tokenizer import encoding_from_merges, train_bpe
 from model import GPT, GPTConfig, pad_left
-from rewards import length_penalty, llm_judge, quiz_reward
+from rewards import length_penalty, quiz_reward
 
 NAMES = ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal", "ivy", "jo", "kai", "liv", "max", "ned", "oz",
          "pia")
@@ -137,8 +137,46 @@ def evaluate(player, n=200, keep_games=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# LLM as a judge (lesson 5): a judge model grades each completion from a rubric prompt.
+#
+# Asking the judge to write "Grade: 4" and parsing the text throws away what it knows: its next-token
+# probabilities over the grade tokens say how sure it is. The reward is the expected grade under those
+# probabilities, renormalized over the grade tokens only and scaled to [0, 1]: smooth, and never unparsable.
+
+
+def llm_judge(judge, encode, make_prompt, grade_tokens, batch_size=64, name="llm_judge"):
+    """A batched reward function: reward(completions, examples) -> list of floats in [0, 1].
+    judge: a GPT (ours, or GPT.from_pretrained); encode: text -> token ids in the judge's vocabulary;
+    make_prompt(completion, example) -> the rubric text, ending where the grade token comes next;
+    grade_tokens: the token ids of the grades, worst first (for example the ids of "1".."5").
+    Prompts longer than the judge's context keep their end, where the question is. A completion is cut to its
+    last 16 characters per context token before anything is encoded (no token is made of more), so a huge
+    completion costs no more than a long one; a non-string one is graded as empty. It never raises."""
+    grades = torch.linspace(0.0, 1.0, len(grade_tokens), dtype=torch.float64)
+    grade_ids = torch.tensor(grade_tokens)
+
+    @torch.no_grad()
+    def reward(completions, examples):
+        device = next(judge.parameters()).device
+        limit = judge.config.block_size
+        cut = [c[-16 * limit:] if isinstance(c, str) else "" for c in completions]
+        prompts = [encode(make_prompt(c, ex))[-limit:] for c, ex in zip(cut, examples)]
+        scores = []
+        for i in range(0, len(prompts), batch_size):
+            tokens, valid = pad_left(prompts[i:i + batch_size], 0, device)
+            # Only the last position's logits are needed (left padding: the last column is real), so the
+            # vocabulary projection runs on it alone, not on every position (B x T x 50257 for GPT-2).
+            h = judge.hidden_states(tokens, valid)[:, -1]  # (B, C)
+            last = judge.lm_head(h)[:, grade_ids.to(device)].double()
+            scores += (last.softmax(-1).cpu() @ grades).tolist()
+        return scores
+    reward.__name__, reward.batched = name, True
+    return reward
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Lesson 5: an LLM as the judge. No API and no download here, so the judge is a small GPT of ours, trained in
-# a minute to grade summaries by a rubric; rewards.llm_judge turns its grade probabilities into a reward.
+# a minute to grade summaries by a rubric; llm_judge (below) turns its grade probabilities into a reward.
 
 JUDGE_RUBRIC = "<|begin|>grade this summary:\n{summary}\ngrade:"  # the grade token comes next
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import grpo
 from helpers import tiny_gpt
 from model import pad_left
-from rewards import llm_judge
+from data.summary import llm_judge
 
 CHARS = "abcdefgh ?:"
 GRADES = [40, 41, 42, 43, 44]  # token ids of the grades "0".."4", worst first
@@ -47,6 +47,20 @@ def test_prompts_longer_than_the_judge_context_keep_their_end():
         logits, _ = judge(torch.tensor([encode(make_prompt(long, "e"))[-16:]]))
     p = logits[0, -1, GRADES].double().softmax(-1)
     assert value == pytest.approx(float(sum(p[i] * i / 4 for i in range(5))), abs=1e-9)
+
+
+def test_huge_empty_and_odd_completions_are_graded_not_raised():
+    judge = tiny_gpt(seed=3, block_size=16)
+    encoded = []
+
+    def recording_encode(text):
+        encoded.append(len(text))
+        return encode(text)
+    reward = llm_judge(judge, recording_encode, make_prompt, GRADES)
+    values = reward(["a" * 10_000_000, " " * 1_000_000, "", None], ["e"] * 4)
+    assert max(encoded) <= 16 * 16 + len(make_prompt("", "e"))  # cut before encoding, not after
+    assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
+    assert values[3] == reward([""], ["e"])[0]  # a non-string completion is graded as the empty one
 
 
 def test_a_judge_trained_to_prefer_a_pattern_grades_by_it():
