@@ -7,7 +7,7 @@ import grpo
 import train
 from model import logprobs_from_hidden, sample
 from tests.helpers import tiny_gpt
-from tests.test_model import PROMPTS, gpt2_like_head
+from tests.helpers import PROMPTS, TINY, gpt2_like_head
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -49,7 +49,6 @@ def test_one_grpo_step_on_cuda_under_bf16_autocast():
 
 
 def test_train_runs_on_cuda_with_bf16_and_compile(tmp_path):
-    from tests.test_train import TINY
     out = tmp_path / "run"
     train.main(TINY + [f"--out_dir={out}", "--device=cuda", "--dtype=bfloat16", "--compile", "--grpo_steps=3",
                        "--reference_players=false"])

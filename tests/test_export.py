@@ -13,7 +13,7 @@ import train
 from data.tokenizer import encoding_from_merges
 from model import GPT, add_lora, read_safetensors
 from tests.helpers import tiny_gpt
-from tests.test_train import TINY
+from tests.helpers import TINY
 
 TASKS = ("addition", "wordle", "countdown", "summary")
 

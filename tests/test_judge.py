@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import grpo
-from helpers import tiny_gpt
+from tests.helpers import tiny_gpt
 from model import pad_left
 from data.summary import llm_judge
 

@@ -10,7 +10,7 @@ import torch
 
 from model import GPT, read_safetensors
 from tests.helpers import tiny_gpt, write_safetensors
-from tests.test_model import hf_state_dict, write_hf_checkpoint
+from tests.helpers import hf_state_dict, write_hf_checkpoint
 
 
 def raw_safetensors(path, header, data=b"", header_len=None):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import grpo
-from helpers import tiny_gpt
+from tests.helpers import tiny_gpt
 from model import GPT, Linear, adapters_off, add_lora, load_state_dict_checked, merge_lora
 
 

@@ -6,9 +6,8 @@ import torch
 
 from model import GPT, KVCache, load_state_dict_checked, logprobs_from_hidden, pad_left, read_safetensors, \
     sample, token_logprobs
-from tests.helpers import tiny_gpt, write_safetensors
+from tests.helpers import PROMPTS, gpt2_like_head, tiny_gpt, write_hf_checkpoint, write_safetensors
 
-PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]  # different lengths: left padding is exercised
 
 
 def test_forward_always_returns_full_logits_and_loss():
@@ -133,18 +132,6 @@ def test_chunked_logprobs_match_naive_values_and_gradients(chunk_size):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
-def gpt2_like_head(N=96, C=64, V=2048, seed=0):
-    """Hidden states and an embedding matrix at GPT-2's scale: every embedding shares a large direction that the
-    hidden states oppose, so the logits sit near -90 with a spread of a few nats (a tiny random model's logits
-    near 0 hide the precision bugs of a bf16 log-softmax)."""
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randn(C, generator=g)
-    shared /= shared.norm()
-    weight = 0.1 * torch.randn(V, C, generator=g) + 3.0 * shared
-    h = torch.randn(N, C, generator=g) - 30.0 * shared
-    return h, weight, torch.randint(0, V, (N,), generator=g)
-
-
 def test_chunked_logprob_gradient_under_bf16_autocast_is_no_worse_than_a_plain_log_softmax():
     # The CUDA default (--dtype=auto) runs the learning pass under bf16 autocast. The chunked backward recomputes
     # the logits; if forward and backward computed them differently (bf16 once, float32 the other time), the
@@ -248,36 +235,6 @@ def test_sampling_rejects_bad_arguments_by_name():
 
 
 # ---- loading GPT-2 checkpoints in the Hugging Face layout --------------------------------------------------------
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_state_dict(model, prefix="transformer.", dtype=torch.float32):
-    """The model's tensors as Hugging Face's GPT-2 names and lays them out (Conv1D weights transposed)."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied: Hugging Face's files usually leave it out
-        value = value.t().contiguous() if key.endswith(CONV1D) else value.clone()
-        state[prefix + key[len("transformer."):]] = value.to(dtype)
-    return state
-
-
-def write_hf_checkpoint(model, path, kind="safetensors", prefix="transformer.", dtype=torch.float32):
-    os.makedirs(path, exist_ok=True)
-    c = model.config
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=c.block_size,
-                       n_ctx=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                       n_embd=c.n_embd, activation_function="gelu_new", layer_norm_epsilon=1e-5), f)
-    state = hf_state_dict(model, prefix, dtype)
-    for layer in range(c.n_layer):  # the causal-mask buffer old files carry
-        state[f"{prefix}h.{layer}.attn.bias"] = torch.ones(1, 1, c.block_size, c.block_size).tril().to(dtype)
-    if kind == "safetensors":
-        write_safetensors(os.path.join(path, "model.safetensors"), state)
-    else:
-        torch.save(state, os.path.join(path, "pytorch_model.bin"))
-
 
 @pytest.mark.parametrize("kind,prefix", [("safetensors", "transformer."), ("safetensors", ""), ("bin", ""),
                                          ("bin", "transformer.")])

@@ -6,6 +6,7 @@ import pytest
 
 from data.tokenizer import PATTERN, SPECIAL_TOKENS, encoding_from_merges, from_readable, gpt2_encoding, \
     load_merges, save_merges, to_readable, train_bpe
+from tests.helpers import write_gpt2_vocab
 
 
 def slow_bpe_encode(text, ranks, pattern=PATTERN):
@@ -102,17 +103,6 @@ def test_special_tokens_come_after_the_last_rank_and_never_from_text(trained):
 def test_merge_of_unknown_tokens_is_rejected():
     with pytest.raises(ValueError, match="no earlier rank"):
         encoding_from_merges([(b"ab", b"c")])
-
-
-def write_gpt2_vocab(path, merges):
-    """A miniature GPT-2 tokenizer directory: vocab.json (ids in the readable byte alphabet) + merges.txt."""
-    vocab = {to_readable(bytes([b])): b for b in range(256)}
-    for left, right in merges:
-        vocab.setdefault(to_readable(left + right), len(vocab))
-    vocab["<|endoftext|>"] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    save_merges(str(path / "merges.txt"), merges)
-    return vocab
 
 
 def test_gpt2_encoding_from_a_checkpoint_directory(trained, tmp_path):

@@ -12,12 +12,9 @@ import torch
 
 import grpo
 import train
+from tests.helpers import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--task=addition", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--sft_steps=6",
-        "--sft_batch_size=16", "--grpo_steps=8", "--prompts_per_step=4", "--group_size=4", "--eval_interval=4",
-        "--eval_games=20", "--checkpoint_interval=1", "--max_new_tokens=5", "--threads=1"]
-
 
 def run_train(args, **kwargs):
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
@@ -254,8 +251,7 @@ def test_top_k_and_negative_clip_ranges_are_refused_before_any_work():
 def test_a_local_gpt2_directory_trains_lora_adapters_through_gpt2s_tokenizer(tmp_path):
     from data.tokenizer import train_bpe
     from tests.helpers import tiny_gpt
-    from tests.test_model import write_hf_checkpoint
-    from tests.test_tokenizer import write_gpt2_vocab
+    from tests.helpers import write_gpt2_vocab, write_hf_checkpoint
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     vocab = write_gpt2_vocab(gpt2, train_bpe([f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], 300))
