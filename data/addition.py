@@ -7,13 +7,14 @@ Numbers have 1..max_digits digits; digits are single tokens (the tokenizer's pat
 gives partial credit per digit (rewards.addition_digits) and full credit for the exact sum. The tokenizer is
 trained in memory on a few thousand equations (a fraction of a second), so there is no file to ship.
 
-Same interface as data/wordle.py: tokenizer(), training_examples(n, rng), prompt(example),
-demonstrations(n, rng, player), reward_functions(), evaluate(player, n), reference_players().
+The task interface is data/__init__.py's.
 """
 
 import random
+import sys
 from functools import lru_cache
 
+from data import held_out_examples, single_turn_demonstrations
 from data.tokenizer import encoding_from_merges, train_bpe
 from rewards import addition_digits, addition_exact
 
@@ -83,13 +84,11 @@ DEFAULT_PLAYER = "sloppy"
 def demonstrations(n, rng, player=DEFAULT_PLAYER):
     """(prompt, completion) pairs from a reference player: "oracle" (always right), "sloppy" (the default: forgets
     the carry half the time) or "random" (a random number of the right length: the format, no arithmetic)."""
-    play = reference_players(rng)[player]
-    examples = training_examples(n, rng)
-    return list(zip((prompt(ex) for ex in examples), play(examples)))
+    return single_turn_demonstrations(sys.modules[__name__], n, rng, player)
 
 
 def evaluation_examples(n):
-    return training_examples(n, random.Random(EVAL_SEED))
+    return held_out_examples(sys.modules[__name__], n, EVAL_SEED)
 
 
 def needs_carry(a, b):

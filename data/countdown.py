@@ -9,7 +9,7 @@ well-formed expression in the answer tags) weighted 0.1 and correctness weighted
 answer earns 0.1 and a right one 1.0, as in TinyZero. A brute-force solver (`reachable`) makes only solvable
 instances, writes the warm-start demonstrations, and is the ceiling player.
 
-Same interface as data/addition.py. Module constants set the difficulty: NUMBERS given numbers between 1 and
+The task interface is data/__init__.py's. Module constants set the difficulty: NUMBERS given numbers between 1 and
 MAX_NUMBER, targets between TARGET_MIN and TARGET_MAX. The default (3 numbers up to 20, targets 10..100) is sized
 for a tiny model on a CPU; R1-Zero-style runs use 3 or 4 numbers up to 99.
 
@@ -22,6 +22,7 @@ from fractions import Fraction
 from functools import lru_cache
 from itertools import combinations
 
+from data import held_out_examples, single_turn_demonstrations
 from data.tokenizer import encoding_from_merges, train_bpe
 from rewards import countdown_correct, countdown_format, parse_answer
 
@@ -144,13 +145,11 @@ DEFAULT_PLAYER = "solver"
 
 def demonstrations(n, rng, player=DEFAULT_PLAYER):
     """(prompt, completion) pairs from a reference player: "solver" (always right) or "random" (the format)."""
-    play = reference_players(rng)[player]
-    examples = training_examples(n, rng)
-    return list(zip((prompt(ex) for ex in examples), play(examples)))
+    return single_turn_demonstrations(sys.modules[__name__], n, rng, player)
 
 
 def evaluation_examples(n):
-    return training_examples(n, random.Random(EVAL_SEED))
+    return held_out_examples(sys.modules[__name__], n, EVAL_SEED)
 
 
 def evaluate(player, n=200, keep_games=0):

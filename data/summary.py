@@ -31,6 +31,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from data import held_out_examples, single_turn_demonstrations
 from data.tokenizer import encoding_from_merges, train_bpe
 from model import GPT, GPTConfig, pad_left
 from rewards import length_penalty, quiz_reward
@@ -108,13 +109,11 @@ DEFAULT_PLAYER = "lead"
 
 
 def demonstrations(n, rng, player=DEFAULT_PLAYER):
-    play = reference_players(rng)[player]
-    examples = training_examples(n, rng)
-    return list(zip((prompt(ex) for ex in examples), play(examples)))
+    return single_turn_demonstrations(sys.modules[__name__], n, rng, player)
 
 
 def evaluation_examples(n):
-    return training_examples(n, random.Random(EVAL_SEED))
+    return held_out_examples(sys.modules[__name__], n, EVAL_SEED)
 
 
 def evaluate(player, n=200, keep_games=0):

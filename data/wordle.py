@@ -24,9 +24,7 @@ Files in data/wordle/ (source and license in data/wordle/README.md):
     python -m data.wordle build-tokenizer        # retrain merges.txt from the lists
     python -m data.wordle players [N]            # the reference players on N held-out games
 
-The task interface train.py uses (every task module has it): tokenizer(), training_examples(n, rng),
-prompt(example), demonstrations(n, rng, player), reward_functions(), evaluate(player, n), model_player(...),
-reference_players().
+The task interface is data/__init__.py's; show_games(player, n) prints held-out games turn by turn.
 """
 
 import itertools
@@ -295,7 +293,7 @@ def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS)
     A guess that does not parse or is not an allowed word uses up the turn and adds no feedback.
     Returns win_rate (won within max_turns), mean_guesses (over wins), invalid_rate and consistent_rate
     (shares of all guesses: consistent = could still be the answer given the feedback so far), and the first
-    `keep_games` transcripts under "games"."""
+    `keep_games` transcripts under "transcripts"."""
     allowed, _, _, heldout = words()
     answers = list(answers if answers is not None else heldout[:n])
     histories = [[] for _ in answers]
