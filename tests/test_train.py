@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,32 @@ def test_unknown_and_bad_flags_are_rejected_with_the_closest_names():
         train.parse_config(["lr=1"])
     cfg = train.parse_config(["--beta=0.04", "--dynamic_sampling", "--overwrite=false", "--task=addition"])
     assert cfg.beta == 0.04 and cfg.dynamic_sampling and not cfg.overwrite and cfg.task == "addition"
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--reward_weights=abc", "--reward_weights='abc' is not a valid comma-separated list of numbers"),
+    ("--reward_weights=1", "--reward_weights has 1 values for 2 rewards"),
+    ("--reward_weights=nan,1", "--reward_weights='nan,1' is not a valid"),
+    ("--num_iterations=0", "num_iterations must be at least 1"),
+    ("--top_k=5", "unknown option --top_k"),
+    ("--minibatch_size=-4", "minibatch_size=-4 must be a positive multiple of group_size=8"),
+    ("--minibatch_size=12", "minibatch_size=12 must be a positive multiple of group_size=8"),
+    ("--eval_games=0", "--eval_games must be at least 1"),
+    ("--eps_low=-0.1", "eps_low must be a finite number >= 0"),
+    ("--eps_high=-1", "eps_high must be a finite number >= 0"),
+    ("--sft_player=ghost", "--sft_player='ghost' is not one of oracle, sloppy, random"),
+    ("--temperature=0", "temperature must be positive during GRPO"),
+])
+def test_every_bad_flag_is_refused_by_the_parser_naming_it(flag, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.parse_config([flag])
+
+
+@pytest.mark.parametrize("flag", ["--prompts_per_step=3", "--sft_batch_size=1"])
+def test_shares_that_do_not_divide_across_processes_are_refused_before_any_process_starts(flag, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="must be multiples of the 2 processes"):
+        train.parse_config([flag])
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
