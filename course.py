@@ -43,19 +43,21 @@ def lesson3():
 
 def lesson4():
     """Reward functions, and GRPO's advantage: each completion's reward against its own group's."""
-    history = [("crane", R.wordle_feedback("crane", "moist")), ("spilt", R.wordle_feedback("spilt", "moist"))]
+    history = [("stamp", R.wordle_feedback("stamp", "moist")), ("voice", R.wordle_feedback("voice", "moist"))]
     example = wordle.make_example("moist", history)
-    group = ["moist", "hoist", "foist", "joist", "spilt", "zzzzz", "point", "the answer is moist"]
+    group = ["moist", "exist", "noise", "point", "voice", "mosit", "zzzzz", "the answer is moist"]
     completions = [wordle.completion(g) if len(g) == 5 else g for g in group]
     fns, weights = wordle.reward_functions()
-    total, table = grpo.score(completions, [example] * len(group), fns, weights)
-    advantages = grpo.group_advantages(total, len(group))
+    _, table = grpo.score(completions, [example] * len(group), fns, [1.0] * len(fns))  # every reward, to show
+    total = table.double() @ torch.tensor(weights, dtype=torch.float64)
+    advantages = grpo.group_advantages(total.float(), len(group))
     print(f"State: {history}; the answer is 'moist'. One group of {len(group)} completions for this prompt.\n")
     names = [f.__name__.removeprefix("wordle_") for f in fns]
     print(f"  {'completion':<24}" + "".join(f"{n:>14}" for n in names) + f"{'total':>8}{'advantage':>11}")
     for c, row, t, a in zip(completions, table.tolist(), total.tolist(), advantages.tolist()):
         print(f"  {c:<24}" + "".join(f"{v:14.2f}" for v in row) + f"{t:8.2f}{a:11.2f}")
-    print(f"\n  weights {dict(zip(names, weights))}")
+    print(f"\n  weights {dict(zip(names, weights))}: the default reward ranks not-a-word < ruled out (a repeat too)")
+    print("  < could still be the answer < the answer; --reward_weights=0,0.2,0.3,0.5,1 trains on the course's.")
     mean, std = total.mean().item(), total.std().item()
     print(f"  advantage = (total - group mean {mean:.3f}) / (group std {std:.3f} + 1e-6); Bessel-corrected std.")
     print("  No value network: the group's mean is the baseline (DeepSeekMath's GRPO).")
@@ -86,9 +88,10 @@ def lesson6():
     steps = "--task=summary --sft_steps=400 --grpo_steps=200"
     print(f"  python train.py {steps} --reward_weights=1,0    # the hack: reward and length rise together")
     print(f"  python train.py {steps}                         # with the penalty: concise")
-    example = wordle.make_example("moist", [("crane", R.wordle_feedback("crane", "moist"))])
+    example = wordle.make_example("moist", [("stamp", R.wordle_feedback("stamp", "moist"))])
     print("\nWordle has its hack too: repeating a valid guess earns the format reward but tells nothing, so")
-    print(f"wordle_feedback_use gives it {R.wordle_feedback_use('<guess>crane</guess>', example)}.")
+    print(f"wordle_feedback_use gives it {R.wordle_feedback_use('<guess>stamp</guess>', example)} and the default "
+          f"wordle_guess {R.wordle_guess('<guess>stamp</guess>', example)} (ruled out, like any repeat).")
 
 
 def lesson7():

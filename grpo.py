@@ -252,7 +252,7 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
     policy.eval()
     with autocast:
         samples, rewards, table = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
-        metrics = rollout_metrics(samples, rewards, table, reward_fns, config.group_size)
+        metrics = rollout_metrics(samples, rewards, table, reward_fns, config)
         if config.dynamic_sampling:  # DAPO: keep only groups with reward spread, sample more to fill up
             samples, rewards, metrics["sampling_rounds"] = keep_groups_with_spread(
                 samples, rewards, len(prompts), policy, reward_fns, config, generator, decode, refill)
@@ -374,7 +374,7 @@ def clip_gradients(model, max_norm):
 
 def score(completions, examples, reward_fns, weights=None):
     """Run every reward function on every completion. Returns (total (N,), per-function (N, F)), float32.
-    A function with `fn.batched = True` takes (completions, examples) and returns a list or tuple of one value
+    A reward weighted 0 is not run. A function with `fn.batched = True` takes (completions, examples) and returns a list or tuple of one value
     per completion. A reward function that raises, or returns anything but a real number that is finite in
     float32, stops the run with its name and the completion: a silently wrong reward trains a silently wrong
     model."""
@@ -383,6 +383,8 @@ def score(completions, examples, reward_fns, weights=None):
         raise ValueError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")
     table = torch.zeros(len(completions), len(reward_fns), dtype=torch.float64)
     for j, fn in enumerate(reward_fns):
+        if weights[j] == 0:  # weighted 0: not even computed (its column stays 0 and is not logged)
+            continue
         name = getattr(fn, "__name__", repr(fn))
         if getattr(fn, "batched", False):  # e.g. an LLM judge: one call grades the whole batch
             values = call_reward(name, fn, completions, examples)
@@ -427,16 +429,18 @@ def reward_names(reward_fns):
 # Metrics. Under torch.distributed the rollout's figures are over every process's rollout.
 
 
-def rollout_metrics(samples, rewards, table, reward_fns, group_size):
+def rollout_metrics(samples, rewards, table, reward_fns, config):
     everything = all_gather(torch.cat([rewards[:, None], table.to(rewards.device)], 1))  # (N * world, 1 + F)
     metrics = {"reward_mean": everything[:, 0].mean().item(),
                "reward_std": everything[:, 0].std().item() if len(everything) > 1 else 0.0,
-               "zero_std_frac": 1.0 - has_spread(everything[:, 0], group_size).float().mean().item(),
+               "zero_std_frac": 1.0 - has_spread(everything[:, 0], config.group_size).float().mean().item(),
                "completion_len": samples.completion_mask.sum(1).mean().item(),
                "truncated_frac": samples.truncated.float().mean().item(),
                "sampling_rounds": 1.0}
-    for name, column in zip(reward_names(reward_fns), everything[:, 1:].T):
-        metrics[f"reward_{name}"] = column.mean().item()
+    weights = config.reward_weights or [1.0] * len(reward_fns)
+    for name, weight, column in zip(reward_names(reward_fns), weights, everything[:, 1:].T):
+        if weight != 0:  # a reward weighted 0 was not computed
+            metrics[f"reward_{name}"] = column.mean().item()
     return metrics
 
 

@@ -187,6 +187,21 @@ def wordle_partial_credit(completion, example):
     return min(0.8, 0.2 * fb.count("G") + 0.1 * fb.count("Y"))
 
 
+def wordle_guess(completion, example):
+    """The default Wordle reward, the whole truth of one guess, ranked: -1.0 when no allowed word parses (a
+    misspelling, a word off the list, no tags), 0.0 for an allowed word that the feedback so far rules out (a
+    repeated guess always is), 1.0 for one that could still be the answer, 2.0 for the answer. Nothing else pays,
+    so it cannot be farmed: partial credit for letters is what a repeated guess once exploited.
+        answer "crane", history [("slate", "XXGXG")]: "<guess>crane</guess>" -> 2.0;  "<guess>grape</guess>" -> 1.0
+        "<guess>slate</guess>" -> 0.0 (a repeat);  "<guess>crnae</guess>" -> -1.0"""
+    guess = parse_guess(completion)
+    if guess is None or guess not in example["allowed"]:
+        return -1.0
+    if guess == example["answer"]:
+        return 2.0
+    return 1.0 if is_consistent(guess, example["history"]) else 0.0
+
+
 def wordle_consistent(completion, example):
     """1.0 if the guess is an allowed word that could still be the answer given all feedback, else 0.0; a
     repeated guess is never consistent (its own feedback rules it out unless it was the answer)."""

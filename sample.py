@@ -7,8 +7,11 @@ Completions from a trained policy, in nanoGPT's spirit:
     python sample.py RUN_DIR --temperature=1 --num_samples=4 --n=3
 
 Options: --n (held-out examples or games, 8), --num_samples (completions per prompt, 1), --temperature (0 is
-greedy, the default, as evaluations play), --max_new_tokens (the run's), --seed (1337). For Wordle the
-held-out examples are whole games, printed turn by turn with the feedback.
+greedy, the default, as evaluations play), --max_new_tokens (the run's), --seed (1337), --stage (grpo: the run's
+latest checkpoint; warm_start: the model before GRPO, to compare). For Wordle the held-out examples are whole
+games, printed turn by turn with the feedback:
+
+    python sample.py runs/wordle --n=4 --stage=warm_start && python sample.py runs/wordle --n=4
 """
 
 import importlib
@@ -22,14 +25,16 @@ import torch
 from data.tokenizer import gpt2_encoding
 from model import GPT, sample
 
-OPTIONS = {"n": 8, "num_samples": 1, "temperature": 0.0, "max_new_tokens": 0, "seed": 1337}
+OPTIONS = {"n": 8, "num_samples": 1, "temperature": 0.0, "max_new_tokens": 0, "seed": 1337, "stage": "grpo"}
 
 
-def load(path):
+def load(path, stage="grpo"):
     """(model, tokenizer, task module or None, max_new_tokens) from a run folder or an exported directory."""
     import train
+    if stage not in ("grpo", "warm_start"):
+        raise SystemExit(f"error: --stage={stage!r} is not grpo or warm_start")
     if any(os.path.exists(os.path.join(path, name)) for name in ("ckpt.pt", "ckpt.prev.pt")):
-        model, enc, cfg = train.load_run(path)
+        model, enc, cfg = train.load_run(path, warm_start=stage == "warm_start")
         return model, enc, importlib.import_module(f"data.{cfg.task}"), cfg.max_new_tokens
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"error: {path} is neither a run folder (ckpt.pt) nor a GPT-2 directory (config.json)")
@@ -68,7 +73,7 @@ def main(argv):
         sys.exit(0 if argv else 2)
     import train
     options, prompts = parse(argv[1:])
-    model, enc, task, max_new_tokens = load(argv[0])
+    model, enc, task, max_new_tokens = load(argv[0], options["stage"])
     max_new_tokens = options["max_new_tokens"] or max_new_tokens
     end, pad = train.end_and_pad(enc)
     generator = torch.Generator().manual_seed(options["seed"])

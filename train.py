@@ -119,7 +119,7 @@ class TrainConfig(grpo.GRPOConfig):
             super().__post_init__()  # every GRPO knob: ranges, clip, minibatches, weights
 
 
-TASKS = ("addition", "wordle", "countdown", "summary")
+TASKS = ("addition", "wordle", "wordle_full", "countdown", "summary")
 NOT_FLAGS = ("stop_token", "pad_token", "top_k", "top_p")  # set from the tokenizer, or refused during GRPO
 
 
@@ -165,6 +165,9 @@ def parse_config(argv):
         except ValueError:
             raise SystemExit(f"error: --{key}={raw!r} is not a valid {describe(kind)}") from None
     try:
+        task_name = values.get("task", TrainConfig.task)
+        if task_name in TASKS:  # a task's own defaults for the flags not given (data/wordle.py has some)
+            values = {**getattr(importlib.import_module(f"data.{task_name}"), "TRAIN_DEFAULTS", {}), **values}
         cfg = TrainConfig(**values)
         task = importlib.import_module(f"data.{cfg.task}")  # zeros and unset values: the task's own
         reward_fns, default_weights = task.reward_functions()
@@ -600,9 +603,9 @@ def run_tokenizer(cfg, task):
     return gpt2_encoding(cfg.init_from, task_specials=True) if os.path.isdir(cfg.init_from) else task.tokenizer()
 
 
-def load_run(run_dir):
-    """(model, tokenizer, config) of a run folder: its config.json and its latest good checkpoint, on the CPU,
-    in eval mode. For export.py and sample.py."""
+def load_run(run_dir, warm_start=False):
+    """(model, tokenizer, config) of a run folder: its config.json and its latest good checkpoint (or, with
+    warm_start, the model as stage 1 left it), on the CPU, in eval mode. For export.py and sample.py."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
@@ -612,7 +615,10 @@ def load_run(run_dir):
     if not isinstance(saved, dict) or set(saved) - known:
         raise SystemExit(f"error: {path} is not a config of this train.py")
     cfg = TrainConfig(**saved)
-    ckpt, _ = latest_checkpoint(run_dir)
+    try:
+        ckpt = read_checkpoint(warm_start_path(cfg)) if warm_start else latest_checkpoint(run_dir)[0]
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     model = GPT(config_from_dict(ckpt["model_config"]))
     load_state_dict_checked(model, ckpt["model"], source=run_dir)
     return model.eval(), run_tokenizer(cfg, importlib.import_module(f"data.{cfg.task}")), cfg

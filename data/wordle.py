@@ -1,34 +1,36 @@
 """
-Wordle, the course's running example, as a GRPO task.
+Wordle, the course's running example, as a GRPO task: letters in, letters out.
 
-A prompt is the game so far, one line per earlier guess, each letter followed by its feedback (G right place,
-Y elsewhere, X absent); the completion is the next guess in tags, ended by <|end|>:
+A prompt is the game so far, one line per earlier guess, each letter followed by its mark (G right place,
+Y elsewhere, X absent); the completion is the next guess, spelled letter by letter in the course's tags:
 
-    <|begin|> cX rX aG nX eY\\n sX lX aG tX eG\\n      ->      <guess>image</guess><|end|>
+    <|begin|>cXrXaGnXeY\nsXlXaGtXeG\n      ->      <guess>image</guess><|end|>
 
-Two choices make this learnable for a tiny model trained from scratch on a CPU:
-- The guess is one token: BPE trained on the word list makes every allowed word a token, so the policy chooses
-  among words as a pretrained LLM does and never misspells (a character-level prototype measured earlier found spelling to
-  be its bottleneck).
-- The history is spelled out, letter and mark fused into one token (" aG": a, green), six tokens a line. With
-  the earlier guesses as word tokens the model would first have to discover the letters of thousands of words
-  before feedback meant anything; a first try that way stayed at the unigram loss (ln 2118 nats per guess).
+Every letter and mark is one token, and so is each tag: a tiny model trained from scratch reads the feedback
+letter by letter and spells its guess. (One token per word did not learn at all: experiments/wordle.md.)
+
+The CPU-sized default game: 600 answers, which are also the allowed guesses (200 held out as evaluation
+answers, never a training answer; 400 for training), full rules (six turns, duplicate letters as the official
+game). `--task=wordle_full` plays the full lists (6,748 allowed guesses, 2,118 answers), sized for a GPU.
+
+The warm start imitates a sloppy teacher: after the first turn it plays, half the time, a word that fits the
+greens and greys but ignores the yellows (never a repeat), otherwise a word that could still be the answer. The
+default reward sees the whole truth of a guess (rewards.wordle_guess: -1 not an allowed word, 0 ruled out by
+the feedback, a repeat included, 1 could still be the answer, 2 the answer), so GRPO can learn to use the
+yellows that the demonstrations ignore. The course's rewards (format, feedback use, information gain, win) are
+there too, weighted 0: `--reward_weights=0,0.2,0.3,0.5,1` trains on them instead.
 
 Files in data/wordle/ (source and license in data/wordle/README.md):
     allowed.txt            allowed guesses (SCOWL size 70, plus every answer)
     answers_train.txt      answers for training games and demonstrations
     answers_heldout.txt    200 answers kept for evaluation, split off with a fixed seed
-    merges.txt             the BPE merges of the tokenizer
 
     python -m data.wordle build-lists DICT_DIR   # rebuild the word lists from Debian's wamerican packages
-    python -m data.wordle build-tokenizer        # retrain merges.txt from the lists
     python -m data.wordle players [N]            # the reference players on N held-out games
 
 The task interface is data/__init__.py's; show_games(player, n) prints held-out games turn by turn.
 """
 
-import itertools
-import math
 import os
 import random
 import re
@@ -36,18 +38,23 @@ import sys
 from functools import lru_cache
 
 import numpy as np
-import torch
 
-from data.tokenizer import load_encoding, save_merges, train_bpe
-from rewards import (parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
-                     wordle_format, wordle_info_gain, wordle_win)
+from data.tokenizer import encoding_from_merges, train_bpe
+from rewards import (is_consistent, parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
+                     wordle_format, wordle_guess, wordle_info_gain, wordle_win)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
 MAX_TURNS = 6
 HELDOUT = 200
-HEADLINE = ("win_rate", "consistent_rate")  # the evaluation figures train.py reports first
-MAX_NEW_TOKENS, BLOCK_SIZE = 5, 64  # train.py's defaults: "<guess>crane</guess><|end|>" is 4 tokens; 6 turns fit
+HEADLINE = ("win_rate", "mean_guesses", "invalid_rate", "consistent_rate")  # greedy and sampled in the table
+MAX_NEW_TOKENS, BLOCK_SIZE = 8, 64  # "<guess>", five letters, "</guess>", <|end|>; five past turns are 56 tokens
 SPLIT_SEED = 1234
+TRAIN_ANSWERS = 400  # the CPU-sized game: these many training answers (a fixed sample) + the 200 held out
+SLIP = 0.5           # how often the sloppy teacher ignores the yellows
+FULL = False         # data/wordle_full.py sets it: the full lists
+# train.py's defaults for this task (flags given on the command line win): measured in experiments/wordle.md
+TRAIN_DEFAULTS = dict(sft_steps=2500, sft_batch_size=64, grpo_steps=300, prompts_per_step=16, group_size=8,
+                      lr=1e-4, beta=0.04)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,16 +68,30 @@ def read_list(name):
 
 @lru_cache(maxsize=None)
 def words():
-    """(allowed frozenset, all answers tuple, train answers tuple, held-out answers tuple)."""
-    allowed = frozenset(read_list("allowed.txt"))
+    """(allowed frozenset, all answers tuple, train answers tuple, held-out answers tuple). The default game's
+    answers are the held-out 200 and a fixed sample of TRAIN_ANSWERS training answers, and they are also its
+    allowed guesses; the full game (FULL) has every answer and SCOWL's allowed list."""
     train, heldout = tuple(read_list("answers_train.txt")), tuple(read_list("answers_heldout.txt"))
-    answers = tuple(sorted(train + heldout))
-    return allowed, answers, train, heldout
+    if FULL:
+        allowed = frozenset(read_list("allowed.txt"))
+    else:
+        train = tuple(sorted(random.Random(SPLIT_SEED).sample(train, TRAIN_ANSWERS)))
+        allowed = frozenset(train + heldout)
+    return allowed, tuple(sorted(train + heldout)), train, heldout
+
+
+def use_full_lists():
+    """Switch this module to the full game (data/wordle_full.py calls it before anything is computed)."""
+    global FULL
+    FULL = True
+    for cached in (words, feedback_table, pool_after, first_guess):
+        cached.cache_clear()
 
 
 @lru_cache(maxsize=None)
 def tokenizer():
-    return load_encoding(os.path.join(HERE, "merges.txt"), name="wordle")
+    """Bytes, and one token for each tag: every letter and every mark is its own token."""
+    return encoding_from_merges(train_bpe(["<guess>", "</guess>"], vocab_size=1 << 20), name="wordle")
 
 
 def build_lists(dict_dir):
@@ -101,23 +122,13 @@ def build_lists(dict_dir):
     print(f"wrote {len(allowed)} allowed, {len(train)} train and {len(heldout)} held-out answers to {HERE}")
 
 
-def build_tokenizer():
-    """BPE on the task's text: every allowed word, every letter+mark pair, the tags. Training runs until no
-    pair is left inside any piece, so each of them ends up one token."""
-    allowed = sorted(read_list("allowed.txt"))
-    letter_marks = [f" {letter}{mark}" for letter, mark in itertools.product("abcdefghijklmnopqrstuvwxyz", "GYX")]
-    texts = allowed + letter_marks + ["<guess>", "</guess>", "<think>", "</think>", "\n"]
-    merges = train_bpe(texts, vocab_size=1 << 20)
-    save_merges(os.path.join(HERE, "merges.txt"), merges)
-    print(f"wrote {len(merges)} merges ({256 + len(merges)} tokens) to {os.path.join(HERE, 'merges.txt')}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts, examples, rewards
 
 
 def prompt(example):
-    lines = ("".join(f" {letter}{mark}" for letter, mark in zip(guess, fb)) + "\n" for guess, fb in example["history"])
+    """Each earlier guess on a line, every letter followed by its mark: "cXrXaGnXeY"."""
+    lines = ("".join(f"{letter}{mark}" for letter, mark in zip(guess, fb)) + "\n" for guess, fb in example["history"])
     return "<|begin|>" + "".join(lines)
 
 
@@ -125,32 +136,14 @@ def completion(guess):
     return f"<guess>{guess}</guess>"
 
 
-@torch.no_grad()
-def init_embeddings(weight, enc, seed=0):
-    """Give every word token an embedding built from its letters: the sum of a random vector for each
-    (position, letter) and for each letter anywhere, scaled to GPT-2's init std of 0.02. Words that share
-    letters then share directions from the start, so what the model learns about one word (say, "a is green
-    in position 2") moves every word with that letter there. Only the initialization changes: the model is
-    a plain GPT and all of it trains. Without it a tiny model barely leaves the unigram loss in minutes."""
-    g = torch.Generator().manual_seed(seed)
-    C = weight.size(1)
-    at = torch.randn(5, 26, C, generator=g)    # letter at a position: greens
-    anywhere = torch.randn(26, C, generator=g)  # letter anywhere: yellows and greys
-    allowed, _, _, _ = words()
-    for word in sorted(allowed):
-        letters = [ord(c) - 97 for c in word]
-        vec = sum(at[i, l] for i, l in enumerate(letters)) + sum(anywhere[l] for l in letters)
-        weight[enc.encode_single_token(word)] = (0.02 / math.sqrt(10)) * vec.to(weight)
-
-
 def make_example(answer, history):
     allowed, answers, _, _ = words()
     return {"answer": answer, "history": tuple(history), "allowed": allowed, "answers": answers}
 
 
-def training_examples(n, rng, max_history=4, history_player="candidate"):
-    """n game states from training answers: 0..max_history earlier turns played by a reference player
-    (random consistent candidates by default), never an already won game."""
+def training_examples(n, rng, max_history=4, history_player="sloppy"):
+    """n game states from training answers: 0..max_history earlier turns played by a reference player (the
+    warm start's teacher by default, so GRPO sees the states the warm start knows), never an already won game."""
     _, _, train, _ = words()
     play = reference_players(rng)[history_player]
     examples = []
@@ -168,12 +161,13 @@ def training_examples(n, rng, max_history=4, history_player="candidate"):
 
 
 def reward_functions():
-    """(functions, weights): the course's lesson 8 trio plus the win. Format alone would teach only
-    validity (measured in the earlier prototype); the win and the information gain pay for using the feedback."""
-    return [wordle_format, wordle_feedback_use, wordle_info_gain, wordle_win], [0.2, 0.3, 0.5, 1.0]
+    """(functions, weights): the whole truth of a guess (rewards.wordle_guess), and the course's lesson 8 trio
+    plus the win, weighted 0 (a reward weighted 0 is not even computed): --reward_weights=0,0.2,0.3,0.5,1
+    trains on the course's instead."""
+    return [wordle_guess, wordle_format, wordle_feedback_use, wordle_info_gain, wordle_win], [1.0, 0, 0, 0, 0]
 
 
-DEFAULT_PLAYER = "candidate"  # whose games the warm start imitates
+DEFAULT_PLAYER = "sloppy"  # whose games the warm start imitates
 
 
 def demonstrations(n, rng, player=DEFAULT_PLAYER):
@@ -263,11 +257,35 @@ def max_info_guess(history):
     return guesses[best]
 
 
+@lru_cache(maxsize=None)
+def first_guess():
+    return max_info_guess(())  # the same for every game: computed once
+
+
+@lru_cache(maxsize=100_000)
+def greens_and_greys(history):
+    """Indices of the answers that fit the greens and greys of history but may break its yellows (the sloppy
+    teacher's slip), none of them an earlier guess."""
+    _, answers, _, _ = words()
+    guessed = {g for g, _ in history}
+
+    def fits(word):
+        for guess, fb in history:
+            present = {g for g, m in zip(guess, fb) if m != "X"}
+            for i, (g, m) in enumerate(zip(guess, fb)):
+                if (m == "G" and word[i] != g) or (m == "X" and g not in present and g in word):
+                    return False
+        return word not in guessed
+    return np.array([i for i, w in enumerate(answers) if fits(w)])
+
+
 def reference_players(rng=None):
+    """random: any allowed word; candidate: a random answer still possible; sloppy: the warm start's teacher
+    (candidate, but after the first turn, SLIP of the time, a word that ignores the yellows); max_info: the
+    guess that leaves the fewest candidates on average."""
     rng = rng or random.Random(0)
     allowed, answers, _, _ = words()
     allowed_list = sorted(allowed)
-    first = {}  # the first guess is the same for every game: computed once
 
     def random_word(examples):
         return [completion(rng.choice(allowed_list)) for _ in examples]
@@ -275,17 +293,18 @@ def reference_players(rng=None):
     def candidate(examples):
         return [completion(answers[rng.choice(pool_after(tuple(ex["history"])))]) for ex in examples]
 
-    def max_info(examples):
+    def sloppy(examples):
         out = []
         for ex in examples:
-            if not ex["history"]:
-                first.setdefault("guess", max_info_guess(()))
-                out.append(completion(first["guess"]))
-            else:
-                out.append(completion(max_info_guess(ex["history"])))
+            history = tuple(ex["history"])
+            pool = greens_and_greys(history) if history and rng.random() < SLIP else pool_after(history)
+            out.append(completion(answers[rng.choice(pool)]))
         return out
 
-    return {"random": random_word, "candidate": candidate, "max_info": max_info}
+    def max_info(examples):
+        return [completion(max_info_guess(ex["history"]) if ex["history"] else first_guess()) for ex in examples]
+
+    return {"random": random_word, "candidate": candidate, "sloppy": sloppy, "max_info": max_info}
 
 
 def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS):

@@ -113,6 +113,10 @@ def test_sample_prints_held_out_examples_with_rewards_and_given_prompts(exported
     assert len(out) == 4 and out[0].startswith("'<|begin|>58+67=' -> ")
     with pytest.raises(SystemExit, match="unknown option --temp"):
         sample.main([run_dir, "--temp=1"])
+    sample.main([run_dir, "--n=3", "--stage=warm_start"])  # the model before GRPO, for comparison
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    with pytest.raises(SystemExit, match="--stage='sft' is not grpo or warm_start"):
+        sample.main([run_dir, "--stage=sft"])
 
 
 def test_sample_shows_wordle_games_turn_by_turn(capsys):

@@ -76,6 +76,12 @@ def test_feedback_matches_a_brute_force_definition():
     (R.wordle_partial_credit, "<guess>crate</guess>", ex(), 0.8),
     (R.wordle_partial_credit, "<guess>nacre</guess>", ex(), 0.6),
     (R.wordle_partial_credit, "<guess>crane</guess>", ex(), 1.0),
+    (R.wordle_guess, "<guess>crane</guess>", ex(history=[("slate", "XXGXG")]), 2.0),
+    (R.wordle_guess, "<guess>grape</guess>", ex(history=[("slate", "XXGXG")]), 1.0),
+    (R.wordle_guess, "<guess>slate</guess>", ex(history=[("slate", "XXGXG")]), 0.0),  # a repeat
+    (R.wordle_guess, "<guess>crnae</guess>", ex(history=[("slate", "XXGXG")]), -1.0),  # misspelled
+    (R.wordle_guess, "<guess>email</guess>", ex(history=[("slate", "XXGXG")]), 0.0),  # ruled out
+    (R.wordle_guess, "crane", ex(), -1.0),  # no tags
     (R.wordle_consistent, "<guess>crate</guess>", ex(history=[("crane", "GGGXG")]), 1.0),
     (R.wordle_consistent, "<guess>grape</guess>", ex(history=[("crane", "GGGXG")]), 0.0),
     (R.addition_digits, "42", {"a": 12, "b": 30}, 1.0),
@@ -131,7 +137,8 @@ HOSTILE = ["", " ", "<guess></guess>", "<guess>", "</guess>", "<guess> </guess>"
            bytes(range(256)).decode("latin-1")]
 
 
-@pytest.mark.parametrize("fn", [R.wordle_format, R.wordle_feedback_use, R.wordle_info_gain, R.wordle_win,
+@pytest.mark.parametrize("fn", [R.wordle_guess, R.wordle_format, R.wordle_feedback_use, R.wordle_info_gain,
+                                R.wordle_win,
                                 R.wordle_partial_credit, R.wordle_consistent, R.addition_digits, R.addition_exact,
                                 R.length_penalty(10), R.countdown_format, R.countdown_correct, R.quiz_reward])
 def test_rewards_never_raise_and_stay_finite_on_hostile_text(fn):

@@ -1,28 +1,41 @@
+import os
 import random
+from itertools import permutations, product
 
 import pytest
-
-from itertools import permutations, product
 
 from data import addition, countdown, summary, wordle
 from rewards import evaluate_expression, is_consistent, parse_guess, quiz_reward, wordle_feedback
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_word_lists_are_clean_and_split():
     allowed, answers, train, heldout = wordle.words()
-    assert len(heldout) == wordle.HELDOUT and 1500 <= len(answers) <= 2500
-    assert not set(train) & set(heldout) and set(answers) <= allowed
+    assert len(heldout) == wordle.HELDOUT and len(train) == wordle.TRAIN_ANSWERS  # the CPU-sized game
+    assert not set(train) & set(heldout) and set(answers) == allowed == set(train) | set(heldout)
     assert all(len(w) == 5 and w.isascii() and w.isalpha() and w.islower() for w in allowed)
 
 
-def test_every_allowed_word_is_one_token_and_prompts_round_trip():
+def test_the_full_game_has_the_full_lists():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import data.wordle_full as w; print(*map(len, w.words()))"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+    allowed, answers, train, heldout = map(int, out)
+    assert heldout == 200 and answers == train + heldout and 1500 <= answers <= 2500 and allowed > 5000
+    assert set(wordle.words()[3]) == set(wordle.read_list("answers_heldout.txt"))  # the same 200 held out
+
+
+def test_letters_and_marks_are_one_token_each_and_prompts_round_trip():
     enc = wordle.tokenizer()
-    allowed, _, _, _ = wordle.words()
-    assert all(len(enc.encode(w)) == 1 for w in allowed)
+    assert all(len(enc.encode(c)) == 1 for c in "abcdefghijklmnopqrstuvwxyzGYX\n")
+    assert len(enc.encode("<guess>")) == len(enc.encode("</guess>")) == 1
     example = wordle.make_example("crane", [("slate", "XXGXG"), ("grape", "XGGXG")])
     text = wordle.prompt(example) + wordle.completion("crane") + "<|end|>"
+    assert wordle.prompt(example) == "<|begin|>sXlXaGtXeG\ngXrGaGpXeG\n"
     ids = enc.encode(text, allowed_special="all")
-    assert enc.decode(ids) == text and len(ids) == 1 + 6 * 2 + 4  # begin, (5 letter+mark, newline) x 2, guess
+    assert enc.decode(ids) == text and len(ids) == 1 + 11 * 2 + 7 + 1  # begin, 2 lines, guess, end
 
 
 def test_numpy_feedback_codes_match_the_rules():
@@ -42,9 +55,11 @@ def test_evaluator_counts_wins_guesses_invalid_and_consistent():
     def garbage(examples):
         return ["no guess here" for _ in examples]
 
+    first, other = sorted(wordle.words()[0])[:2]  # two allowed words
+
     def second_try(examples):  # a fixed non-answer first, then the answer: consistent only on turn two
         return [wordle.completion(ex["answer"] if ex["history"] else
-                                  ("crane" if ex["answer"] != "crane" else "slate")) for ex in examples]
+                                  (first if ex["answer"] != first else other)) for ex in examples]
 
     r = wordle.evaluate(oracle, 10)
     assert r["win_rate"] == 1 and r["mean_guesses"] == 1 and r["consistent_rate"] == 1
@@ -60,6 +75,7 @@ def test_reference_players_order_random_candidate_max_info():
     results = {name: wordle.evaluate(player, 25) for name, player in players.items()}
     assert results["random"]["win_rate"] < 0.1
     assert results["candidate"]["win_rate"] >= 0.9 and results["candidate"]["consistent_rate"] == 1
+    assert results["sloppy"]["win_rate"] >= 0.9 and 0.6 < results["sloppy"]["consistent_rate"] < 1
     assert results["max_info"]["win_rate"] == 1
     assert results["max_info"]["mean_guesses"] < results["candidate"]["mean_guesses"]
 
@@ -67,13 +83,31 @@ def test_reference_players_order_random_candidate_max_info():
 def test_demonstrations_and_training_states_are_well_formed():
     rng = random.Random(0)
     allowed, _, _, _ = wordle.words()
-    for player in ("random", "candidate"):
+    for player in ("random", "candidate", "sloppy"):
         pairs = wordle.demonstrations(40, rng, player)
         assert len(pairs) == 40 and all(p.startswith("<|begin|>") for p, _ in pairs)
         assert all(parse_guess(c) in allowed for _, c in pairs)
     for ex in wordle.training_examples(50, rng, max_history=3):
         assert len(ex["history"]) <= 3 and ex["answer"] not in [g for g, _ in ex["history"]]
         assert is_consistent(ex["answer"], ex["history"])
+
+
+def test_the_sloppy_teachers_slip_keeps_greens_and_greys_and_never_repeats():
+    _, answers, _, heldout = wordle.words()
+    rng = random.Random(0)
+    grew = 0
+    for answer in heldout[:30]:
+        history = tuple((g, wordle_feedback(g, answer)) for g in rng.sample([w for w in answers if w != answer], 2))
+        slip = {answers[i] for i in wordle.greens_and_greys(history)}
+        exact = {answers[i] for i in wordle.pool_after(history)} - {g for g, _ in history}
+        assert exact <= slip and not {g for g, _ in history} & slip
+        grew += len(slip) > len(exact)
+        for word in slip:  # greens in place, and no letter the feedback shows absent
+            for guess, fb in history:
+                present = {c for c, m in zip(guess, fb) if m != "X"}
+                assert all(word[i] == c for i, (c, m) in enumerate(zip(guess, fb)) if m == "G")
+                assert not {c for c, m in zip(guess, fb) if m == "X" and c not in present} & set(word)
+    assert grew > 10  # ignoring the yellows does admit more words, usually
 
 
 def test_addition_task_players_and_tokenizer():
