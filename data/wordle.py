@@ -4,7 +4,7 @@ Wordle, the course's running example, as a GRPO task: letters in, letters out.
 A prompt is the game so far, one line per earlier guess, each letter followed by its mark (G right place,
 Y elsewhere, X absent); the completion is the next guess, spelled letter by letter in the course's tags:
 
-    <|begin|>cXrXaGnXeY\nsXlXaGtXeG\n      ->      <guess>image</guess><|end|>
+    <|begin|>..........\n..........\n..........\ncXrXaGnXeY\nsXlXaGtXeG\n   ->   <guess>image</guess><|end|>
 
 Every letter and mark is one token, and so is each tag: a tiny model trained from scratch reads the feedback
 letter by letter and spells its guess. (One token per word did not learn at all: experiments/wordle.md.)
@@ -40,14 +40,14 @@ from functools import lru_cache
 import numpy as np
 
 from data.tokenizer import encoding_from_merges, train_bpe
-from rewards import (is_consistent, parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
+from rewards import (parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
                      wordle_format, wordle_guess, wordle_info_gain, wordle_win)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
 MAX_TURNS = 6
 HELDOUT = 200
 HEADLINE = ("win_rate", "mean_guesses", "invalid_rate", "consistent_rate")  # greedy and sampled in the table
-MAX_NEW_TOKENS, BLOCK_SIZE = 8, 64  # "<guess>", five letters, "</guess>", <|end|>; five past turns are 56 tokens
+MAX_NEW_TOKENS, BLOCK_SIZE = 8, 64  # "<guess>", five letters, "</guess>", <|end|>; every prompt is 56 tokens
 SPLIT_SEED = 1234
 TRAIN_ANSWERS = 400  # the CPU-sized game: these many training answers (a fixed sample) + the 200 held out
 SLIP = 0.5           # how often the sloppy teacher ignores the yellows
@@ -126,10 +126,15 @@ def build_lists(dict_dir):
 # Prompts, examples, rewards
 
 
+EMPTY_LINE = "." * 10 + "\n"  # a turn not played yet
+
+
 def prompt(example):
-    """Each earlier guess on a line, every letter followed by its mark: "cXrXaGnXeY"."""
-    lines = ("".join(f"{letter}{mark}" for letter, mark in zip(guess, fb)) + "\n" for guess, fb in example["history"])
-    return "<|begin|>" + "".join(lines)
+    """Five lines, one per earlier turn, every letter followed by its mark ("cXrXaGnXeY"); the turns not played
+    yet come first, as dots. The layout never moves: letter i of the k-th line before the guess, and letter i
+    of the guess, sit at the same positions in every prompt (no padding either)."""
+    lines = ["".join(f"{letter}{mark}" for letter, mark in zip(guess, fb)) + "\n" for guess, fb in example["history"]]
+    return "<|begin|>" + EMPTY_LINE * (MAX_TURNS - 1 - len(lines)) + "".join(lines)
 
 
 def completion(guess):
@@ -362,8 +367,6 @@ def show_games(player, n=4):
 def main(argv):
     if argv[:1] == ["build-lists"] and len(argv) == 2:
         build_lists(argv[1])
-    elif argv[:1] == ["build-tokenizer"]:
-        build_tokenizer()
     elif argv[:1] == ["players"]:
         n = int(argv[1]) if len(argv) > 1 else HELDOUT
         for name, player in reference_players(random.Random(0)).items():

@@ -33,9 +33,10 @@ def test_letters_and_marks_are_one_token_each_and_prompts_round_trip():
     assert len(enc.encode("<guess>")) == len(enc.encode("</guess>")) == 1
     example = wordle.make_example("crane", [("slate", "XXGXG"), ("grape", "XGGXG")])
     text = wordle.prompt(example) + wordle.completion("crane") + "<|end|>"
-    assert wordle.prompt(example) == "<|begin|>sXlXaGtXeG\ngXrGaGpXeG\n"
+    assert wordle.prompt(example) == "<|begin|>" + "..........\n" * 3 + "sXlXaGtXeG\ngXrGaGpXeG\n"
     ids = enc.encode(text, allowed_special="all")
-    assert enc.decode(ids) == text and len(ids) == 1 + 11 * 2 + 7 + 1  # begin, 2 lines, guess, end
+    assert enc.decode(ids) == text and len(ids) == 1 + 11 * 5 + 7 + 1 == wordle.BLOCK_SIZE  # lines, guess, end
+    assert len(enc.encode(wordle.prompt(wordle.make_example("crane", [])), allowed_special="all")) == 56
 
 
 def test_numpy_feedback_codes_match_the_rules():
