@@ -124,10 +124,11 @@ def lesson8():
     print("yellows half the time), a few GRPO steps on rewards.wordle_guess, 50 held-out games, greedy and sampled.\n")
     train.main(["--task=wordle", "--sft_steps=300", "--grpo_steps=10", "--eval_games=50", "--eval_interval=10",
                 "--out_dir=runs/course-lesson8", "--overwrite"])
-    print("\nThe full CPU run is `python train.py --task=wordle` (about 9 minutes on 2 cores). Measured so far")
-    print("(experiments/wordle.md): its warm start spells valid words but does not yet read the feedback (0.5%")
-    print("of held-out games won, later guesses no more consistent than random words), and 300 GRPO steps do not")
-    print("change that: a negative result, kept. Watch its games: python sample.py runs/default --n=4")
+    print("\nThe full CPU run: python train.py --task=wordle --out_dir=runs/wordle (about 10.5 minutes on 2 cores).")
+    print("Measured (experiments/wordle.md, 3 seeds): the warm start reads the feedback, because a letter and its mark")
+    print("are one token: 31.2% of held-out games won greedily. GRPO cuts invalid guesses from 29% to 6% but adds only")
+    print("+2.0 points of wins (+0.5, -1.5, +7.0), within the noise: it trains on the teacher's game states, not on its own.")
+    print("Watch its games: python sample.py runs/wordle --n=4 (add --stage=warm_start for the model before GRPO).")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ Y elsewhere, X absent); the completion is the next guess, spelled letter by lett
 
     <|begin|>..........\n..........\n..........\ncXrXaGnXeY\nsXlXaGtXeG\n   ->   <guess>image</guess><|end|>
 
-Every letter and mark is one token, and so is each tag: a tiny model trained from scratch reads the feedback
-letter by letter and spells its guess. (One token per word did not learn at all: experiments/wordle.md.)
+An earlier guess's letter and its mark are one token ("aG"), so a single attention head reads a whole fact
+(this letter, here, is green); the guess is spelled one letter per token; each tag is one token. The layout
+never moves: every prompt is 31 tokens. A tiny model trained from scratch reads this feedback within minutes;
+with a letter and its mark as two tokens it did not (nor with one token per word): experiments/wordle.md.
 
 The CPU-sized default game: 600 answers, which are also the allowed guesses (200 held out as evaluation
 answers, never a training answer; 400 for training), full rules (six turns, duplicate letters as the official
@@ -34,6 +36,7 @@ The task interface is data/__init__.py's; show_games(player, n) prints held-out 
 import os
 import random
 import re
+import string
 import sys
 from functools import lru_cache
 
@@ -47,14 +50,14 @@ HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
 MAX_TURNS = 6
 HELDOUT = 200
 HEADLINE = ("win_rate", "mean_guesses", "invalid_rate", "consistent_rate")  # greedy and sampled in the table
-MAX_NEW_TOKENS, BLOCK_SIZE = 8, 64  # "<guess>", five letters, "</guess>", <|end|>; every prompt is 56 tokens
+MAX_NEW_TOKENS, BLOCK_SIZE = 8, 40  # "<guess>", five letters, "</guess>", <|end|>; every prompt is 31 tokens
 SPLIT_SEED = 1234
 TRAIN_ANSWERS = 400  # the CPU-sized game: these many training answers (a fixed sample) + the 200 held out
 SLIP = 0.5           # how often the sloppy teacher ignores the yellows
 FULL = False         # data/wordle_full.py sets it: the full lists
 # train.py's defaults for this task (flags given on the command line win): measured in experiments/wordle.md
-TRAIN_DEFAULTS = dict(sft_steps=2500, sft_batch_size=64, grpo_steps=300, prompts_per_step=16, group_size=8,
-                      lr=1e-4, beta=0.04)
+TRAIN_DEFAULTS = dict(sft_steps=3000, sft_batch_size=64, grpo_steps=800, prompts_per_step=32, group_size=8,
+                      lr=1e-4, beta=0.04, eval_interval=200)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,8 +93,12 @@ def use_full_lists():
 
 @lru_cache(maxsize=None)
 def tokenizer():
-    """Bytes, and one token for each tag: every letter and every mark is its own token."""
-    return encoding_from_merges(train_bpe(["<guess>", "</guess>"], vocab_size=1 << 20), name="wordle")
+    """Bytes, one token per tag, and one token per letter of an earlier guess together with its mark ("aG",
+    "aY", "aX": 78 tokens) and per pair of dots (a turn not played yet is five tokens, as a played one).
+    A guess is spelled letter by letter (lower case only: none of these merges applies to it)."""
+    tags = train_bpe(["<guess>", "</guess>"], vocab_size=1 << 20)
+    marked = [(letter.encode(), mark.encode()) for letter in string.ascii_lowercase for mark in "GYX"]
+    return encoding_from_merges(tags + marked + [(b".", b".")], name="wordle")
 
 
 def build_lists(dict_dir):

@@ -27,16 +27,20 @@ def test_the_full_game_has_the_full_lists():
     assert set(wordle.words()[3]) == set(wordle.read_list("answers_heldout.txt"))  # the same 200 held out
 
 
-def test_letters_and_marks_are_one_token_each_and_prompts_round_trip():
+def test_a_letter_with_its_mark_is_one_token_a_guess_one_token_per_letter_and_prompts_round_trip():
     enc = wordle.tokenizer()
     assert all(len(enc.encode(c)) == 1 for c in "abcdefghijklmnopqrstuvwxyzGYX\n")
     assert len(enc.encode("<guess>")) == len(enc.encode("</guess>")) == 1
+    line = enc.encode("sXlXaGtXeY\n")
+    assert [enc.decode([t]) for t in line] == ["sX", "lX", "aG", "tX", "eY", "\n"]
+    assert [enc.decode([t]) for t in enc.encode("<guess>seize</guess>")] == ["<guess>", *"seize", "</guess>"]
+    assert len(enc.encode("..........\n")) == 6  # a turn not played yet takes the room of a played one
     example = wordle.make_example("crane", [("slate", "XXGXG"), ("grape", "XGGXG")])
     text = wordle.prompt(example) + wordle.completion("crane") + "<|end|>"
     assert wordle.prompt(example) == "<|begin|>" + "..........\n" * 3 + "sXlXaGtXeG\ngXrGaGpXeG\n"
     ids = enc.encode(text, allowed_special="all")
-    assert enc.decode(ids) == text and len(ids) == 1 + 11 * 5 + 7 + 1 == wordle.BLOCK_SIZE  # lines, guess, end
-    assert len(enc.encode(wordle.prompt(wordle.make_example("crane", [])), allowed_special="all")) == 56
+    assert enc.decode(ids) == text and len(ids) == 1 + 6 * 5 + 7 + 1 <= wordle.BLOCK_SIZE  # lines, guess, end
+    assert len(enc.encode(wordle.prompt(wordle.make_example("crane", [])), allowed_special="all")) == 31
 
 
 def test_numpy_feedback_codes_match_the_rules():
