@@ -214,3 +214,18 @@ def test_summary_players_show_the_hack_and_the_cure():
     for ex in summary.training_examples(20, random.Random(1)):
         assert sum(" = " in line for line in ex["lines"]) == summary.FACTS
         assert quiz_reward("\n".join(ex["lines"]), ex) == 1.0
+
+
+def test_a_completion_made_of_marked_letter_tokens_is_scored_not_parsed_as_a_guess():
+    """The policy can emit the merged prompt tokens ("aG") in its completion: the text is upper case, so it is
+    no guess, and every reward scores it without an error."""
+    enc = wordle.tokenizer()
+    ids = enc.encode("<guess>") + [enc.encode(pair)[0] for pair in ("cX", "rX", "aG", "nX", "eY")] \
+        + enc.encode("</guess>")
+    text = enc.decode(ids)
+    assert text == "<guess>cXrXaGnXeY</guess>"
+    example = wordle.make_example("crane", [("slate", "XXGXG")])
+    fns, _ = wordle.reward_functions()
+    scores = {fn.__name__: fn(text, example) for fn in fns}
+    assert scores["wordle_guess"] == -1.0 and scores["wordle_win"] == 0.0
+    assert all(isinstance(v, float) and v == v for v in scores.values())
