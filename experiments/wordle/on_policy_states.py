@@ -1,0 +1,54 @@
+"""An indication, not a default: GRPO on Wordle states from the policy's own games instead of the teacher's.
+Every GRPO step's states are made by the current policy playing 0-4 turns (sampled at temperature 1) on
+training answers; a guess that is not a word uses the turn and adds no line, as in the evaluation. Everything
+else is train.py as is (this script swaps data.wordle.training_examples before train.main runs).
+
+    python experiments/wordle/on_policy_states.py --task=wordle --init_from=runs/wordle-seed1337/warm_start.pt \
+        --sft_steps=0 --reference_players=false --out_dir=runs/wordle-onpolicy
+"""
+import os
+import random
+import sys
+from contextlib import nullcontext
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import train
+from data import wordle
+from rewards import parse_guess, wordle_feedback
+
+policy = {}
+train_grpo = train.train_grpo
+
+
+def train_grpo_with_policy(run, model, state):
+    policy["play"] = train.model_player(model, run.enc, wordle, run.cfg.max_new_tokens, nullcontext(),
+                                        temperature=1.0)
+    policy["rng"] = random.Random(run.cfg.seed + 7)
+    return train_grpo(run, model, state)
+
+
+def training_examples(n, rng, max_history=4):
+    """n states: each game on a training answer played by the policy for 0..max_history turns, never won."""
+    allowed, _, train_answers, _ = wordle.words()
+    examples = []
+    while len(examples) < n:
+        games = [(rng.choice(train_answers), [], rng.randint(0, max_history)) for _ in range(n - len(examples))]
+        for turn in range(max_history):
+            playing = [g for g in games if turn < g[2] and g[2] >= 0]
+            if not playing:
+                break
+            texts = policy["play"]([wordle.make_example(answer, history) for answer, history, _ in playing])
+            for game, text in zip(playing, texts):
+                answer, history, _ = game
+                guess = parse_guess(text)
+                if guess == answer:
+                    games[games.index(game)] = (answer, history, -1)  # won: not a state to train on
+                elif guess in allowed:
+                    history.append((guess, wordle_feedback(guess, answer)))
+        examples += [wordle.make_example(answer, history) for answer, history, stop in games if stop >= 0]
+    return examples[:n]
+
+
+train.train_grpo = train_grpo_with_policy
+wordle.training_examples = training_examples
+train.main(sys.argv[1:])
