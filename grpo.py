@@ -374,10 +374,10 @@ def clip_gradients(model, max_norm):
 
 def score(completions, examples, reward_fns, weights=None):
     """Run every reward function on every completion. Returns (total (N,), per-function (N, F)), float32.
-    A reward weighted 0 is not run. A function with `fn.batched = True` takes (completions, examples) and returns a list or tuple of one value
-    per completion. A reward function that raises, or returns anything but a real number that is finite in
-    float32, stops the run with its name and the completion: a silently wrong reward trains a silently wrong
-    model."""
+    A reward weighted 0 is not run. A function with `fn.batched = True` takes (completions, examples) and
+    returns a list or tuple of one value per completion. A reward function that raises, or returns anything but
+    a real number that is finite in float32, stops the run with its name and the completion: a silently wrong
+    reward trains a silently wrong model."""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(weights) != len(reward_fns):
         raise ValueError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")

@@ -87,7 +87,7 @@ def use_full_lists():
     """Switch this module to the full game (data/wordle_full.py calls it before anything is computed)."""
     global FULL
     FULL = True
-    for cached in (words, feedback_table, pool_after, first_guess):
+    for cached in (words, feedback_table, pool_after, first_guess, greens_and_greys):
         cached.cache_clear()
 
 
@@ -280,14 +280,14 @@ def greens_and_greys(history):
     teacher's slip), none of them an earlier guess."""
     _, answers, _, _ = words()
     guessed = {g for g, _ in history}
+    greens = {(i, g) for guess, fb in history for i, (g, m) in enumerate(zip(guess, fb)) if m == "G"}
+    # a grey letter is absent only if no other copy of it in that guess was marked (duplicate-letter rule)
+    greys = {g for guess, fb in history for g, m in zip(guess, fb)
+             if m == "X" and g not in {h for h, n in zip(guess, fb) if n != "X"}}
 
     def fits(word):
-        for guess, fb in history:
-            present = {g for g, m in zip(guess, fb) if m != "X"}
-            for i, (g, m) in enumerate(zip(guess, fb)):
-                if (m == "G" and word[i] != g) or (m == "X" and g not in present and g in word):
-                    return False
-        return word not in guessed
+        return (word not in guessed and all(word[i] == g for i, g in greens)
+                and not any(g in word for g in greys))
     return np.array([i for i, w in enumerate(answers) if fits(w)])
 
 

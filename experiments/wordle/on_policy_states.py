@@ -1,13 +1,14 @@
-"""An experiment, not a default (three seeds, no gain: experiments/wordle.md): GRPO on Wordle states from the policy's own games instead of the teacher's.
-Every GRPO step's states are made by the current policy playing 0-4 turns (sampled at temperature 1) on
-training answers; a guess that is not a word uses the turn and adds no line, as in the evaluation. Everything
-else is train.py as is (this script swaps data.wordle.training_examples before train.main runs).
+"""An experiment, not a default (three seeds, no gain: experiments/wordle.md): GRPO on Wordle states from the
+policy's own games instead of the teacher's. Every GRPO step's states are made by the current policy playing
+0-4 turns (sampled at temperature 1) on training answers; a guess that is not a word uses the turn and adds no line, as in the evaluation. Everything
+else is train.py as is (this script swaps data.wordle.training_examples before train.main runs). The figures
+in experiments/wordle.md were measured at commit bf06502, whose version found a won game by equality and could
+mark the wrong one of two identical games (same answer, same history); this one cannot.
 
     python experiments/wordle/on_policy_states.py --task=wordle --init_from=runs/wordle-seed1337/warm_start.pt \
         --sft_steps=0 --reference_players=false --out_dir=runs/wordle-onpolicy
 """
 import os
-import random
 import sys
 from contextlib import nullcontext
 
@@ -23,7 +24,6 @@ train_grpo = train.train_grpo
 def train_grpo_with_policy(run, model, state):
     policy["play"] = train.model_player(model, run.enc, wordle, run.cfg.max_new_tokens, nullcontext(),
                                         temperature=1.0)
-    policy["rng"] = random.Random(run.cfg.seed + 7)
     return train_grpo(run, model, state)
 
 
@@ -32,20 +32,20 @@ def training_examples(n, rng, max_history=4):
     allowed, _, train_answers, _ = wordle.words()
     examples = []
     while len(examples) < n:
-        games = [(rng.choice(train_answers), [], rng.randint(0, max_history)) for _ in range(n - len(examples))]
+        games = [{"answer": rng.choice(train_answers), "history": [], "turns": rng.randint(0, max_history)}
+                 for _ in range(n - len(examples))]
         for turn in range(max_history):
-            playing = [g for g in games if turn < g[2] and g[2] >= 0]
+            playing = [game for game in games if turn < game["turns"]]  # a won game has turns = -1
             if not playing:
                 break
-            texts = policy["play"]([wordle.make_example(answer, history) for answer, history, _ in playing])
+            texts = policy["play"]([wordle.make_example(game["answer"], game["history"]) for game in playing])
             for game, text in zip(playing, texts):
-                answer, history, _ = game
                 guess = parse_guess(text)
-                if guess == answer:
-                    games[games.index(game)] = (answer, history, -1)  # won: not a state to train on
+                if guess == game["answer"]:
+                    game["turns"] = -1  # won: not a state to train on
                 elif guess in allowed:
-                    history.append((guess, wordle_feedback(guess, answer)))
-        examples += [wordle.make_example(answer, history) for answer, history, stop in games if stop >= 0]
+                    game["history"].append((guess, wordle_feedback(guess, game["answer"])))
+        examples += [wordle.make_example(game["answer"], game["history"]) for game in games if game["turns"] >= 0]
     return examples[:n]
 
 

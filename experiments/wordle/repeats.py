@@ -12,6 +12,7 @@ import train
 from data import wordle
 from rewards import parse_guess
 
+allowed = wordle.words()[0]
 for stage in ("warm_start", "grpo"):
     model, enc, cfg = train.load_run(sys.argv[1], warm_start=stage == "warm_start")
     model.eval()
@@ -24,7 +25,7 @@ for stage in ("warm_start", "grpo"):
             guess = parse_guess(text)
             guesses += 1
             repeats += guess in seen
-            invalid_repeats += guess in seen and guess not in wordle.words()[0]
+            invalid_repeats += guess in seen and guess not in allowed
             seen.append(guess)
     print(f"{stage:<10} win {result['win_rate']:.3f} | invalid {result['invalid_rate']:.3f} | repeated guesses "
           f"{repeats / guesses:.3f} ({repeats} of {guesses}; {invalid_repeats} of them not words)")
