@@ -1,7 +1,8 @@
 """An experiment, not a default (three seeds, no gain: experiments/wordle.md): GRPO on Wordle states from the
 policy's own games instead of the teacher's. Every GRPO step's states are made by the current policy playing
-0-4 turns (sampled at temperature 1) on training answers; a guess that is not a word uses the turn and adds no line, as in the evaluation. Everything
-else is train.py as is (this script swaps data.wordle.training_examples before train.main runs). The figures
+0-4 turns (sampled at temperature 1) on training answers; a guess that is not a word uses the turn and adds no
+line, as in the evaluation. Everything else is train.py as is (this script swaps data.wordle.training_examples
+before train.main runs). The figures
 in experiments/wordle.md were measured at commit bf06502, whose version found a won game by equality and could
 mark the wrong one of two identical games (same answer, same history); this one cannot.
 

@@ -1,0 +1,35 @@
+"""train.py with one of the Wordle game's constants changed, for the experiments in experiments/wordle.md (none of
+them a default). Its own flags come first and are taken off before train.py reads the rest:
+
+    --slip=P            how often the sloppy teacher ignores the yellows (data.wordle.SLIP, default 0.5)
+    --train_answers=N   training answers in the CPU game (data.wordle.TRAIN_ANSWERS, default 400; the allowed
+                        guesses are these plus the 200 held out)
+    --answer_reward=R   what rewards.wordle_guess pays for the answer (default 2.0; 1.0 = no win bonus)
+
+    python experiments/wordle/variant.py --answer_reward=1 --task=wordle \
+        --init_from=runs/wordle-seed1337/warm_start.pt --sft_steps=0 --reference_players=false --out_dir=runs/x
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import rewards
+import train
+from data import wordle
+
+OWN = {"--slip": float, "--train_answers": int, "--answer_reward": float}
+own, rest = {}, []
+for arg in sys.argv[1:]:
+    key, _, value = arg.partition("=")
+    if key in OWN:
+        own[key] = OWN[key](value)
+    else:
+        rest.append(arg)
+wordle.SLIP = own.get("--slip", wordle.SLIP)
+wordle.TRAIN_ANSWERS = own.get("--train_answers", wordle.TRAIN_ANSWERS)  # read when the lists are first built
+if "--answer_reward" in own:
+    def wordle_guess_answer_paid(completion, example):
+        reward = rewards.wordle_guess(completion, example)
+        return own["--answer_reward"] if reward == 2.0 else reward
+    wordle.reward_functions = lambda: ([wordle_guess_answer_paid], [1.0])
+train.main(rest)
