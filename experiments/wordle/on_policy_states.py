@@ -1,9 +1,9 @@
 """An experiment, not a default (three seeds, no gain: experiments/wordle.md): GRPO on Wordle states from the
 policy's own games instead of the teacher's. Every GRPO step's states are made by the current policy playing
-0-4 turns (sampled at temperature 1) on training answers; a guess that is not a word uses the turn and adds no
-line, as in the evaluation. Everything else is train.py as is (this script swaps data.wordle.training_examples
-before train.main runs). The figures
-in experiments/wordle.md were measured at commit bf06502, whose version found a won game by equality and could
+0-4 turns on training answers, sampled at temperature 1 (or --history_temperature=T; 0 is greedy, as the
+evaluation plays); a guess that is not a word uses the turn and adds no line, as in the evaluation. Everything
+else is train.py as is (this script swaps data.wordle.training_examples before train.main runs). The figures in
+experiments/wordle.md were measured at commit bf06502, whose version found a won game by equality and could
 mark the wrong one of two identical games (same answer, same history); this one cannot.
 
     python experiments/wordle/on_policy_states.py --task=wordle --init_from=runs/wordle-seed1337/warm_start.pt \
@@ -18,13 +18,15 @@ import train
 from data import wordle
 from rewards import parse_guess, wordle_feedback
 
+OWN_FLAG = "--history_temperature="
+HISTORY_TEMPERATURE = float(next((a[len(OWN_FLAG):] for a in sys.argv if a.startswith(OWN_FLAG)), 1.0))
 policy = {}
 train_grpo = train.train_grpo
 
 
 def train_grpo_with_policy(run, model, state):
     policy["play"] = train.model_player(model, run.enc, wordle, run.cfg.max_new_tokens, nullcontext(),
-                                        temperature=1.0)
+                                        temperature=HISTORY_TEMPERATURE)
     return train_grpo(run, model, state)
 
 
@@ -52,4 +54,4 @@ def training_examples(n, rng, max_history=4):
 
 train.train_grpo = train_grpo_with_policy
 wordle.training_examples = training_examples
-train.main(sys.argv[1:])
+train.main([arg for arg in sys.argv[1:] if not arg.startswith(OWN_FLAG)])

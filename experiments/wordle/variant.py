@@ -5,19 +5,23 @@ them a default). Its own flags come first and are taken off before train.py read
     --train_answers=N   training answers in the CPU game (data.wordle.TRAIN_ANSWERS, default 400; the allowed
                         guesses are these plus the 200 held out)
     --answer_reward=R   what rewards.wordle_guess pays for the answer (default 2.0; 1.0 = no win bonus)
+    --teacher_reads=greens  the teacher's slip keeps only the greens (and never repeats), not greens and greys
 
     python experiments/wordle/variant.py --answer_reward=1 --task=wordle \
         --init_from=runs/wordle-seed1337/warm_start.pt --sft_steps=0 --reference_players=false --out_dir=runs/x
 """
 import os
 import sys
+from functools import lru_cache
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import numpy as np
+
 import rewards
 import train
 from data import wordle
 
-OWN = {"--slip": float, "--train_answers": int, "--answer_reward": float}
+OWN = {"--slip": float, "--train_answers": int, "--answer_reward": float, "--teacher_reads": str}
 own, rest = {}, []
 for arg in sys.argv[1:]:
     key, _, value = arg.partition("=")
@@ -32,4 +36,15 @@ if "--answer_reward" in own:
         reward = rewards.wordle_guess(completion, example)
         return own["--answer_reward"] if reward == 2.0 else reward
     wordle.reward_functions = lambda: ([wordle_guess_answer_paid], [1.0])
+if own.get("--teacher_reads", "greens_and_greys") == "greens":
+    @lru_cache(maxsize=100_000)
+    def greens_only(history):
+        _, answers, _, _ = wordle.words()
+        guessed = {g for g, _ in history}
+        greens = {(i, g) for guess, fb in history for i, (g, m) in enumerate(zip(guess, fb)) if m == "G"}
+        return np.array([i for i, w in enumerate(answers)
+                         if w not in guessed and all(w[i] == g for i, g in greens)])
+    wordle.greens_and_greys = greens_only
+elif own.get("--teacher_reads", "greens_and_greys") != "greens_and_greys":
+    sys.exit(f"--teacher_reads must be greens or greens_and_greys, not {own['--teacher_reads']!r}")
 train.main(rest)
