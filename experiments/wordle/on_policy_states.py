@@ -1,10 +1,12 @@
 """An experiment, not a default (three seeds, no gain: experiments/wordle.md): GRPO on Wordle states from the
 policy's own games instead of the teacher's. Every GRPO step's states are made by the current policy playing
 0-4 turns on training answers, sampled at temperature 1 (or --history_temperature=T; 0 is greedy, as the
-evaluation plays); a guess that is not a word uses the turn and adds no line, as in the evaluation. Everything
-else is train.py as is (this script swaps data.wordle.training_examples before train.main runs). The figures in
-experiments/wordle.md were measured at commit bf06502, whose version found a won game by equality and could
-mark the wrong one of two identical games (same answer, same history); this one cannot.
+evaluation plays); a guess that is not a word uses the turn and adds no line, as in the evaluation.
+--off_list=P makes P of the hidden words dictionary words outside the game (as in off_list_states.py; such a
+state is kept only while some game word still fits). Everything else is train.py as is (this script swaps
+data.wordle.training_examples before train.main runs). The figures in experiments/wordle.md were measured at
+commit bf06502, whose version found a won game by equality and could mark the wrong one of two identical games
+(same answer, same history); this one cannot.
 
     python experiments/wordle/on_policy_states.py --task=wordle --init_from=runs/wordle-seed1337/warm_start.pt \
         --sft_steps=0 --reference_players=false --out_dir=runs/wordle-onpolicy
@@ -18,8 +20,11 @@ import train
 from data import wordle
 from rewards import parse_guess, wordle_feedback
 
-OWN_FLAG = "--history_temperature="
-HISTORY_TEMPERATURE = float(next((a[len(OWN_FLAG):] for a in sys.argv if a.startswith(OWN_FLAG)), 1.0))
+OWN = {"--history_temperature": 1.0, "--off_list": 0.0}  # this script's flags and their defaults
+own = {key: float(arg.partition("=")[2]) for arg in sys.argv for key in OWN if arg.startswith(key + "=")}
+HISTORY_TEMPERATURE = own.get("--history_temperature", OWN["--history_temperature"])
+OFF_LIST_SHARE = own.get("--off_list", OWN["--off_list"])
+OFF_LIST = sorted(set(wordle.read_list("allowed.txt")) - wordle.words()[0])  # never a held-out answer
 policy = {}
 train_grpo = train.train_grpo
 
@@ -35,8 +40,8 @@ def training_examples(n, rng, max_history=4):
     allowed, _, train_answers, _ = wordle.words()
     examples = []
     while len(examples) < n:
-        games = [{"answer": rng.choice(train_answers), "history": [], "turns": rng.randint(0, max_history)}
-                 for _ in range(n - len(examples))]
+        games = [{"answer": rng.choice(OFF_LIST if rng.random() < OFF_LIST_SHARE else train_answers),
+                  "history": [], "turns": rng.randint(0, max_history)} for _ in range(n - len(examples))]
         for turn in range(max_history):
             playing = [game for game in games if turn < game["turns"]]  # a won game has turns = -1
             if not playing:
@@ -48,10 +53,11 @@ def training_examples(n, rng, max_history=4):
                     game["turns"] = -1  # won: not a state to train on
                 elif guess in allowed:
                     game["history"].append((guess, wordle_feedback(guess, game["answer"])))
-        examples += [wordle.make_example(game["answer"], game["history"]) for game in games if game["turns"] >= 0]
+        examples += [wordle.make_example(game["answer"], game["history"]) for game in games
+                     if game["turns"] >= 0 and len(wordle.pool_after(tuple(game["history"])))]
     return examples[:n]
 
 
 train.train_grpo = train_grpo_with_policy
 wordle.training_examples = training_examples
-train.main([arg for arg in sys.argv[1:] if not arg.startswith(OWN_FLAG)])
+train.main([arg for arg in sys.argv[1:] if arg.partition("=")[0] not in OWN])
