@@ -213,7 +213,9 @@ def parse_value(raw, kind):
     return value
 
 
-SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "threads", "wandb")  # they change no number the run computes
+# No setting of the algorithm. --threads changes the rounding of CPU sums (one thread and two give different
+# runs), so a resume keeps the run's own count, and its wandb choice, unless the command line gives them.
+SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "threads", "wandb")
 
 
 def resumed_config(requested, given):
@@ -237,7 +239,9 @@ def resumed_config(requested, given):
     if differ:
         raise SystemExit(f"error: --resume continues {requested.out_dir} as configured in its config.json, but "
                          f"these flags differ from it (drop them, or start a new run):\n  " + "\n  ".join(differ))
-    return TrainConfig(**{**saved, **{k: getattr(requested, k) for k in SAFE_TO_CHANGE_ON_RESUME}})
+    changed = {k: getattr(requested, k) for k in SAFE_TO_CHANGE_ON_RESUME
+               if k in given or k in ("resume", "overwrite") or k not in saved}
+    return TrainConfig(**{**saved, **changed})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -137,6 +137,10 @@ def test_resume_takes_the_runs_config_and_refuses_other_values(tmp_path):
     assert (out / "config.json").read_text() == saved  # never overwritten
     assert train.main([f"--out_dir={out}", "--resume"]) is None  # finished: says so, does nothing
     assert (out / "config.json").read_text() == saved
+    # a run made with --threads=1 resumes on one thread (another count rounds CPU sums differently)
+    (out / "config.json").write_text(json.dumps({**json.loads(saved), "threads": 1}))
+    assert train.parse_config([f"--out_dir={out}", "--resume"]).threads == 1
+    assert train.parse_config([f"--out_dir={out}", "--resume", "--threads=2"]).threads == 2
 
 
 def corrupt(path, n=20, seed=0):
