@@ -60,7 +60,10 @@ def test_huge_empty_and_odd_completions_are_graded_not_raised():
     values = reward(["a" * 10_000_000, " " * 1_000_000, "", None], ["e"] * 4)
     assert max(encoded) <= 16 * 16 + len(make_prompt("", "e"))  # cut before encoding, not after
     assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
-    assert values[3] == reward([""], ["e"])[0]  # a non-string completion is graded as the empty one
+    # A non-string completion is graded as the empty one. Alone or in a padded batch of four the same prompt
+    # is a different matmul, so the two agree to rounding, not bit for bit.
+    assert values[3] == pytest.approx(values[2], abs=1e-9)
+    assert values[3] == pytest.approx(reward([""], ["e"])[0], abs=1e-6)
 
 
 def test_a_judge_trained_to_prefer_a_pattern_grades_by_it():
