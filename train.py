@@ -14,6 +14,7 @@ The run folder (--out_dir) gets config.json, metrics.jsonl (one JSON object per 
 import dataclasses
 import difflib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -422,8 +423,17 @@ def train_grpo(run, model, state):
     config = grpo_config(cfg, enc)
     reward_fns, _ = task.reward_functions()
 
+    # A task whose states are games in progress can have the policy play their earlier turns (Wordle: greedily,
+    # as the evaluation plays, so GRPO trains on the states the model will be judged on): it takes a `policy`.
+    policy = model_player(model, enc, task, cfg.max_new_tokens, run.autocast)
+    takes_policy = "policy" in inspect.signature(task.training_examples).parameters
+
     def draw(n):
-        examples = task.training_examples(n, state.rng)
+        if takes_policy:
+            model.eval()  # grpo_step sets train mode again for its update
+            examples = task.training_examples(n, state.rng, policy=policy)
+        else:
+            examples = task.training_examples(n, state.rng)
         return [enc.encode(task.prompt(ex), allowed_special="all") for ex in examples], examples
 
     t0 = time.time()

@@ -5,7 +5,8 @@ One module per task. Every task module has the same interface, which train.py, s
     BLOCK_SIZE, MAX_NEW_TOKENS          the default context and completion lengths, tokens
     HEADLINE                            the evaluation figures reported first
     DEFAULT_PLAYER                      the reference player whose answers the warm start imitates
-    training_examples(n, rng)           n examples (the record of a prompt, handed to the reward functions)
+    training_examples(n, rng)           n examples (the record of a prompt, handed to the reward functions);
+                                        one that takes policy= gets the model as a player (Wordle's states)
     prompt(example)                     the prompt text
     demonstrations(n, rng, player)      n (prompt, completion) pairs from a reference player
     reward_functions()                  (functions, default weights)

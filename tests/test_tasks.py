@@ -97,6 +97,33 @@ def test_demonstrations_and_training_states_are_well_formed():
         assert is_consistent(ex["answer"], ex["history"])
 
 
+def test_grpo_states_are_the_policys_own_games_against_off_list_words(monkeypatch):
+    allowed, _, train, heldout = wordle.words()
+    off_list = set(wordle.off_list_words())
+    assert off_list and not off_list & allowed and not off_list & set(heldout)
+    calls, coin = [], random.Random(2)
+    line = ["spray", "spray", "moist", "pudgy"]  # what this policy plays, turn by turn, with a repeat
+
+    def policy(examples):  # after the opening, half the time a non-word: it must use its turn and add no line
+        calls.append(len(examples))
+        return [wordle.completion("zzzzz" if ex["history"] and coin.random() < 0.5 else line[len(ex["history"])])
+                for ex in examples]
+
+    monkeypatch.setattr(wordle, "OFF_LIST_SHARE", 1.0)
+    states = wordle.training_examples(200, random.Random(0), policy=policy)
+    assert set(line) <= allowed and len(states) == 200 and calls[0] > 100  # one call per turn, all games in it
+    assert all(ex["answer"] in off_list for ex in states)
+    assert {len(ex["history"]) for ex in states} == {0, 1, 2, 3, 4}
+    for ex in states:
+        assert [g for g, _ in ex["history"]] == line[:len(ex["history"])]
+        assert is_consistent(ex["answer"], ex["history"]) and len(wordle.pool_after(ex["history"]))
+
+    monkeypatch.setattr(wordle, "OFF_LIST_SHARE", 0.0)
+    states = wordle.training_examples(100, random.Random(1))  # no policy: the warm start's teacher plays
+    assert all(ex["answer"] in train for ex in states)
+    assert all(ex["answer"] not in [g for g, _ in ex["history"]] for ex in states)  # never an already won game
+
+
 def test_the_sloppy_teachers_slip_keeps_greens_and_greys_and_never_repeats():
     _, answers, _, heldout = wordle.words()
     rng = random.Random(0)

@@ -342,3 +342,36 @@ def test_the_other_tasks_run_end_to_end(tmp_path, task):
     headline = {"countdown": "solved_rate", "summary": "quiz_score"}[task]
     ceiling = {"countdown": "player: solver", "summary": "player: facts"}[task]
     assert headline in table["GRPO"] and table[ceiling][headline] == 1
+
+
+def test_wordle_states_are_played_by_the_policy_and_a_stopped_run_resumes_exactly(tmp_path, monkeypatch):
+    from data import wordle
+    args = ["--task=wordle", "--n_layer=2", "--n_head=2", "--n_embd=32", "--sft_steps=6", "--sft_batch_size=16",
+            "--grpo_steps=6", "--prompts_per_step=4", "--group_size=4", "--eval_interval=3", "--eval_games=10",
+            "--checkpoint_interval=1", "--threads=1", "--reference_players=false", "--num_iterations=1"]
+    players, original = [], wordle.training_examples
+
+    def handed(n, rng, max_history=4, policy=None):
+        players.append(policy)
+        return original(n, rng, max_history, policy)
+
+    monkeypatch.setattr(wordle, "training_examples", handed)
+    train.main(args + [f"--out_dir={tmp_path / 'whole'}"])
+    assert len(players) == 6 and all(callable(p) for p in players)  # the model plays each step's earlier turns
+    calls, loss = {"n": 0}, grpo.grpo_loss
+
+    def dies_at_step_3(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # as if killed: checkpoints up to step 2 are on disk
+        return loss(*a, **kw)
+
+    monkeypatch.setattr(grpo, "grpo_loss", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + [f"--out_dir={tmp_path / 'killed'}"])
+    monkeypatch.setattr(grpo, "grpo_loss", loss)
+    train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "killed"))
+    assert a["step"] == b["step"] == 5
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

@@ -1,19 +1,21 @@
-"""An experiment, not a default (experiments/wordle.md): GRPO on Wordle states from the policy's own games
-instead of the teacher's. Sampled histories from the default warm start gained nothing (three seeds); greedy
-histories against off-list hidden words (--history_temperature=0 --off_list=1.0) from a 6,000-step warm start are
-the best lever measured so far. Every GRPO step's states are made by the current policy playing
-0-4 turns on training answers, sampled at temperature 1 (or --history_temperature=T; 0 is greedy, as the
-evaluation plays); a guess that is not a word uses the turn and adds no line, as in the evaluation.
---off_list=P makes P of the hidden words dictionary words outside the game (as in off_list_states.py; such a
-state is kept only while some game word still fits). Everything else is train.py as is (this script swaps
-data.wordle.training_examples before train.main runs). The sampled-history figures in experiments/wordle.md were
-measured at commit bf06502, whose version found a won game by equality and could mark the wrong one of two
-identical games (same answer, same history); this one cannot.
+"""An experiment (experiments/wordle.md): GRPO on Wordle states from the policy's own games, the earlier turns
+sampled at a temperature. Its greedy version against off-list hidden words (--history_temperature=0
+--off_list=1.0) is the best lever measured and is now the default (data.wordle.training_examples); this script
+keeps the variants measured on the way: sampled histories (temperature 1, gained nothing over three seeds from
+the default warm start) and any share of off-list words. Every GRPO step's states are made by the current
+policy playing 0-4 turns on training answers, sampled at temperature 1 (or --history_temperature=T; 0 is greedy,
+as the evaluation plays); a guess that is not a word uses the turn and adds no line, as in the evaluation.
+--off_list=P makes P of the hidden words dictionary words outside the game (such a state is kept only while
+some game word still fits). Everything else is train.py as is (this script swaps data.wordle.training_examples
+before train.main runs). The sampled-history figures in experiments/wordle.md were measured at commit bf06502,
+whose version found a won game by equality and could mark the wrong one of two identical games (same answer,
+same history); this one cannot.
 
     python experiments/wordle/on_policy_states.py --task=wordle --init_from=runs/wordle-seed1337/warm_start.pt \
         --sft_steps=0 --reference_players=false --out_dir=runs/wordle-onpolicy
     python experiments/wordle/on_policy_states.py --history_temperature=0 --off_list=1.0 --task=wordle \
-        --sft_steps=6000 --threads=1 --reference_players=false --out_dir=runs/longsft-greedyoff1-seed1337
+        --sft_steps=6000 --grpo_steps=1600 --threads=1 --reference_players=false \
+        --out_dir=runs/longsft-greedyoff1-1600-seed1337      # the fifth session's runs (the default's states)
 """
 import os
 import sys

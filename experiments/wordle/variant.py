@@ -6,6 +6,11 @@ them a default). Its own flags come first and are taken off before train.py read
                         guesses are these plus the 200 held out)
     --answer_reward=R   what rewards.wordle_guess pays for the answer (default 2.0; 1.0 = no win bonus)
     --teacher_reads=greens  the teacher's slip keeps only the greens (and never repeats), not greens and greys
+    --off_list=P        share of GRPO's states whose hidden word is outside the game (data.wordle.OFF_LIST_SHARE,
+                        default 1.0; 0 = training answers only)
+    --teacher_states    the sloppy teacher plays GRPO's states' earlier turns, not the policy (with --off_list=0:
+                        the states of the defaults before the fifth session, the same distribution, not the same
+                        random stream)
 
     python experiments/wordle/variant.py --answer_reward=1 --task=wordle \
         --init_from=runs/wordle-seed1337/warm_start.pt --sft_steps=0 --reference_players=false --out_dir=runs/x
@@ -21,16 +26,23 @@ import rewards
 import train
 from data import wordle
 
-OWN = {"--slip": float, "--train_answers": int, "--answer_reward": float, "--teacher_reads": str}
+OWN = {"--slip": float, "--train_answers": int, "--answer_reward": float, "--teacher_reads": str,
+       "--off_list": float, "--teacher_states": bool}
 own, rest = {}, []
 for arg in sys.argv[1:]:
     key, _, value = arg.partition("=")
     if key in OWN:
-        own[key] = OWN[key](value)
+        if OWN[key] is bool and value not in ("", "true"):
+            sys.exit(f"{key} takes no value (give it or leave it out), not {value!r}")
+        own[key] = True if OWN[key] is bool else OWN[key](value)
     else:
         rest.append(arg)
 wordle.SLIP = own.get("--slip", wordle.SLIP)
 wordle.TRAIN_ANSWERS = own.get("--train_answers", wordle.TRAIN_ANSWERS)  # read when the lists are first built
+wordle.OFF_LIST_SHARE = own.get("--off_list", wordle.OFF_LIST_SHARE)
+if own.get("--teacher_states"):  # a training_examples without a policy argument: train.py hands it none
+    policy_states = wordle.training_examples
+    wordle.training_examples = lambda n, rng, max_history=4: policy_states(n, rng, max_history)
 if "--answer_reward" in own:
     def wordle_guess_answer_paid(completion, example):
         reward = rewards.wordle_guess(completion, example)
