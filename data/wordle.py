@@ -165,7 +165,8 @@ OFF_LIST_SHARE = 1.0
 
 @lru_cache(maxsize=None)
 def off_list_words():
-    """The allowed.txt words outside the game (never a held-out answer); none in the full game."""
+    """The allowed.txt words outside the game (never a held-out answer). The full game has none (every allowed
+    word is a game word), so there every state's hidden word is a training answer."""
     allowed, _, _, _ = words()
     return tuple(sorted(set(read_list("allowed.txt")) - allowed))
 

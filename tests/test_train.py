@@ -303,24 +303,29 @@ def test_a_local_gpt2_directory_trains_lora_adapters_through_gpt2s_tokenizer(tmp
     assert kl[0] == 0 and kl[-1] > 0  # reference = the adapters switched off, equal to the policy at first
 
 
-def test_a_lora_run_stopped_mid_grpo_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    import grpo
-    args = TINY + ["--lora_rank=4", "--reference_players=false", "--num_iterations=1", "--grpo_steps=6"]
+def whole_and_stopped_then_resumed(args, tmp_path, monkeypatch):
+    """Runs args whole, then again stopped at GRPO step 3 (args must make one grpo_loss call per step) and
+    resumed; returns the two final checkpoints."""
     train.main(args + [f"--out_dir={tmp_path / 'whole'}"])
-    calls, original = {"n": 0}, grpo.grpo_loss
+    calls, loss = {"n": 0}, grpo.grpo_loss
 
     def dies_at_step_3(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # as if killed: checkpoints up to step 2 are on disk
-        return original(*a, **kw)
+        return loss(*a, **kw)
 
     monkeypatch.setattr(grpo, "grpo_loss", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train.main(args + [f"--out_dir={tmp_path / 'killed'}"])
-    monkeypatch.setattr(grpo, "grpo_loss", original)
+    monkeypatch.setattr(grpo, "grpo_loss", loss)
     train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "killed"))
+    return [torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "killed")]
+
+
+def test_a_lora_run_stopped_mid_grpo_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    args = TINY + ["--lora_rank=4", "--reference_players=false", "--num_iterations=1", "--grpo_steps=6"]
+    a, b = whole_and_stopped_then_resumed(args, tmp_path, monkeypatch)
     assert a["step"] == b["step"] == 5 and a["model_config"]["lora_rank"] == 4
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -356,22 +361,9 @@ def test_wordle_states_are_played_by_the_policy_and_a_stopped_run_resumes_exactl
         return original(n, rng, max_history, policy)
 
     monkeypatch.setattr(wordle, "training_examples", handed)
-    train.main(args + [f"--out_dir={tmp_path / 'whole'}"])
-    assert len(players) == 6 and all(callable(p) for p in players)  # the model plays each step's earlier turns
-    calls, loss = {"n": 0}, grpo.grpo_loss
-
-    def dies_at_step_3(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # as if killed: checkpoints up to step 2 are on disk
-        return loss(*a, **kw)
-
-    monkeypatch.setattr(grpo, "grpo_loss", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + [f"--out_dir={tmp_path / 'killed'}"])
-    monkeypatch.setattr(grpo, "grpo_loss", loss)
-    train.main(args + [f"--out_dir={tmp_path / 'killed'}", "--resume"])
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("whole", "killed"))
+    a, b = whole_and_stopped_then_resumed(args, tmp_path, monkeypatch)
+    # The model plays every step's earlier turns: 6 steps whole, 4 (0-3) before the stop, 3 (3-5) resumed.
+    assert len(players) == 6 + 4 + 3 and all(callable(p) for p in players)
     assert a["step"] == b["step"] == 5
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

@@ -9,7 +9,8 @@ as the evaluation plays); a guess that is not a word uses the turn and adds no l
 some game word still fits). Everything else is train.py as is (this script swaps data.wordle.training_examples
 before train.main runs). The sampled-history figures in experiments/wordle.md were measured at commit bf06502,
 whose version found a won game by equality and could mark the wrong one of two identical games (same answer,
-same history); this one cannot.
+same history); this one cannot. Since the sixth session it also stops a game once no game word fits (the state
+would be dropped anyway), so the batches it plays differ and a run need not repeat an earlier figure bit for bit.
 
     python experiments/wordle/on_policy_states.py --task=wordle --init_from=runs/wordle-seed1337/warm_start.pt \
         --sft_steps=0 --reference_players=false --out_dir=runs/wordle-onpolicy
@@ -24,15 +25,13 @@ from contextlib import nullcontext
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train
 from data import wordle
-from rewards import parse_guess, wordle_feedback
 
 OWN = {"--history_temperature": 1.0, "--off_list": 0.0}  # this script's flags and their defaults
 own = {key: float(arg.partition("=")[2]) for arg in sys.argv for key in OWN if arg.startswith(key + "=")}
 HISTORY_TEMPERATURE = own.get("--history_temperature", OWN["--history_temperature"])
-OFF_LIST_SHARE = own.get("--off_list", OWN["--off_list"])
-OFF_LIST = sorted(set(wordle.read_list("allowed.txt")) - wordle.words()[0])  # never a held-out answer
+wordle.OFF_LIST_SHARE = own.get("--off_list", OWN["--off_list"])
 policy = {}
-train_grpo = train.train_grpo
+train_grpo, policy_states = train.train_grpo, wordle.training_examples
 
 
 def train_grpo_with_policy(run, model, state):
@@ -42,26 +41,9 @@ def train_grpo_with_policy(run, model, state):
 
 
 def training_examples(n, rng, max_history=4):
-    """n states: each game on a training answer played by the policy for 0..max_history turns, never won."""
-    allowed, _, train_answers, _ = wordle.words()
-    examples = []
-    while len(examples) < n:
-        games = [{"answer": rng.choice(OFF_LIST if rng.random() < OFF_LIST_SHARE else train_answers),
-                  "history": [], "turns": rng.randint(0, max_history)} for _ in range(n - len(examples))]
-        for turn in range(max_history):
-            playing = [game for game in games if turn < game["turns"]]  # a won game has turns = -1
-            if not playing:
-                break
-            texts = policy["play"]([wordle.make_example(game["answer"], game["history"]) for game in playing])
-            for game, text in zip(playing, texts):
-                guess = parse_guess(text)
-                if guess == game["answer"]:
-                    game["turns"] = -1  # won: not a state to train on
-                elif guess in allowed:
-                    game["history"].append((guess, wordle_feedback(guess, game["answer"])))
-        examples += [wordle.make_example(game["answer"], game["history"]) for game in games
-                     if game["turns"] >= 0 and len(wordle.pool_after(tuple(game["history"])))]
-    return examples[:n]
+    """data.wordle.training_examples, its earlier turns played by the policy at HISTORY_TEMPERATURE. (It takes no
+    policy argument, so train.py hands it none: the player above, sampled or greedy, is the one used.)"""
+    return policy_states(n, rng, max_history, policy=policy["play"])
 
 
 train.train_grpo = train_grpo_with_policy
