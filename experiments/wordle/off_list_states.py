@@ -6,7 +6,9 @@ in held-out games the consistent words are held-out words, which it rarely plays
 history (consistent or not), so an off-list hidden word is a fair state: the sloppy teacher plays 0-4 turns
 against it, and a state is kept only while some game word still fits the feedback. No held-out answer is ever
 a hidden word. With --off_list_demos the warm start's games mix the hidden words the same way. Everything
-else is train.py as is (this script swaps data.wordle.training_examples, and demonstrations).
+else is train.py as is (this script swaps data.wordle.training_examples, and demonstrations). Since the sixth
+session the states come from data.wordle.training_examples without a policy (the teacher's games side by side,
+a turn at a time): the same distribution as the figures in experiments/wordle.md, another random stream.
 
     python experiments/wordle/off_list_states.py --task=wordle --init_from=runs/wordle-seed1337/warm_start.pt \
         --sft_steps=0 --reference_players=false --out_dir=runs/wordle-offlist
@@ -23,30 +25,14 @@ from rewards import parse_guess, wordle_feedback
 
 OFF_LIST_SHARE = 0.5  # share of the states (and, with --off_list_demos, of the demonstration games) off the list
 OFF_LIST_DEMOS = "--off_list_demos" in sys.argv  # the warm start's games too
-allowed, _, train_answers, heldout = wordle.words()
-off_list = sorted(set(wordle.read_list("allowed.txt")) - allowed)
-assert not set(off_list) & set(heldout)
+_, _, train_answers, _ = wordle.words()
+teacher_states = wordle.training_examples
+wordle.OFF_LIST_SHARE = OFF_LIST_SHARE
 
 
 def training_examples(n, rng, max_history=4):
-    """n states, each 0..max_history teacher turns against a training answer or an off-list word, never won,
-    always with at least one game word that could still be the answer."""
-    play = wordle.reference_players(rng)[wordle.DEFAULT_PLAYER]
-    examples = []
-    while len(examples) < n:
-        hidden = rng.choice(off_list) if rng.random() < OFF_LIST_SHARE else rng.choice(train_answers)
-        history = []
-        for _ in range(rng.randint(0, max_history)):
-            if not len(wordle.pool_after(tuple(history))):
-                break
-            guess = parse_guess(play([wordle.make_example(hidden, history)])[0])
-            if guess == hidden:
-                break
-            history.append((guess, wordle_feedback(guess, hidden)))
-        else:
-            if len(wordle.pool_after(tuple(history))):
-                examples.append(wordle.make_example(hidden, history))
-    return examples
+    """data.wordle.training_examples played by the teacher: it takes no policy, so train.py hands it none."""
+    return teacher_states(n, rng, max_history)
 
 
 def demonstrations(n, rng, player=wordle.DEFAULT_PLAYER):
@@ -55,7 +41,7 @@ def demonstrations(n, rng, player=wordle.DEFAULT_PLAYER):
     play = wordle.reference_players(rng)[player]
     pairs = []
     while len(pairs) < n:
-        hidden = rng.choice(off_list) if rng.random() < OFF_LIST_SHARE else rng.choice(train_answers)
+        hidden = rng.choice(wordle.off_list_words() if rng.random() < OFF_LIST_SHARE else train_answers)
         history = []
         for _ in range(wordle.MAX_TURNS):
             if not len(wordle.pool_after(tuple(history))):
