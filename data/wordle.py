@@ -182,8 +182,11 @@ def training_examples(n, rng, max_history=4, policy=None):
     play = policy or reference_players(rng)[DEFAULT_PLAYER]
     examples = []
     while len(examples) < n:
+        # Twice the games still needed: about half are dropped (won, or nothing fits), and every round costs up
+        # to max_history calls of the policy whatever its size (15 calls per draw of 32 at 1x, 4 at 2x). The
+        # games are independent, so the first n survivors are as good a sample as any n; the rest go unused.
         games = [{"answer": rng.choice(off_list if rng.random() < OFF_LIST_SHARE else train), "history": [],
-                  "turns": rng.randint(0, max_history)} for _ in range(n - len(examples))]
+                  "turns": rng.randint(0, max_history)} for _ in range(2 * (n - len(examples)))]
         for turn in range(max_history):
             # Still playing: not won (turns = -1), and some game word still fits (else the state is dropped).
             playing = [game for game in games if turn < game["turns"] and len(pool_after(tuple(game["history"])))]

@@ -111,7 +111,7 @@ def test_grpo_states_are_the_policys_own_games_against_off_list_words(monkeypatc
 
     monkeypatch.setattr(wordle, "OFF_LIST_SHARE", 1.0)
     states = wordle.training_examples(200, random.Random(0), policy=policy)
-    assert set(line) <= allowed and len(states) == 200 and calls[0] > 100  # one call per turn, all games in it
+    assert set(line) <= allowed and len(states) == 200 and calls[0] > 200  # one call per turn: twice the games
     assert all(ex["answer"] in off_list for ex in states)
     assert {len(ex["history"]) for ex in states} == {0, 1, 2, 3, 4}
     for ex in states:
