@@ -57,9 +57,11 @@ SPLIT_SEED = 1234
 TRAIN_ANSWERS = 400  # the CPU-sized game: these many training answers (a fixed sample) + the 200 held out
 SLIP = 0.5           # how often the sloppy teacher ignores the yellows
 FULL = False         # data/wordle_full.py sets it: the full lists
-# train.py's defaults for this task (flags given on the command line win): measured in experiments/wordle.md
+# train.py's defaults for this task (flags given on the command line win): measured in experiments/wordle.md.
+# dynamic_sampling (DAPO): half to four fifths of the groups score all 8 samples alike, so they are dropped and
+# more states drawn, up to 4 rounds a step; every learning pass then sees only groups with a spread.
 TRAIN_DEFAULTS = dict(sft_steps=3000, sft_batch_size=64, grpo_steps=800, prompts_per_step=32, group_size=8,
-                      lr=1e-4, beta=0.04, eval_interval=200)
+                      lr=1e-4, beta=0.04, eval_interval=200, dynamic_sampling=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,8 +161,13 @@ def make_example(answer, history):
 # played, greedily, as the evaluation plays (train.py hands it over as `policy`); its hidden word is, with
 # probability OFF_LIST_SHARE, a dictionary word outside the game, so no game word is the answer and the reward
 # can pay only for reading the feedback (a guess that still fits it), not for recalling the 400 training answers.
-# Measured over three seeds: +2.0 held-out points on the teacher's states with training answers, +11.8 this way.
+# Measured over three seeds (before MIN_HISTORY and dynamic sampling): +2.0 held-out points on the teacher's
+# states with training answers, +11.8 this way.
 OFF_LIST_SHARE = 1.0
+# The fewest earlier lines a state holds. The opening (no line) is fitted by every allowed word, so its group is
+# flat unless a sample misspells: at 0, about a third of the states teach spelling only and the warm start already
+# spells the opening (experiments/wordle.md).
+MIN_HISTORY = 1
 
 
 @lru_cache(maxsize=None)
@@ -172,21 +179,24 @@ def off_list_words():
 
 
 def training_examples(n, rng, max_history=4, policy=None):
-    """n game states, never won, in which some game word still fits the feedback: 0..max_history earlier turns
+    """n game states, never won, in which some game word still fits the feedback: MIN_HISTORY..max_history turns
     played by `policy` (a player, examples -> completion texts) or, without one, by the warm start's teacher,
     against an off-list word (probability OFF_LIST_SHARE) or a training answer. The games are played side by
     side, one call of the player per turn; a guess that is not an allowed word uses its turn and adds no line,
-    as in the evaluation."""
+    as in the evaluation (a state left with fewer than MIN_HISTORY lines is dropped)."""
     allowed, _, train, _ = words()
     off_list = off_list_words() or train
     play = policy or reference_players(rng)[DEFAULT_PLAYER]
-    examples = []
+    examples, rounds = [], 0
     while len(examples) < n:
+        # A player that seldom spells a word (a model with no warm start) or always wins leaves few states with
+        # MIN_HISTORY lines: after 8 rounds, states with fewer are drawn and kept, rather than drawing forever.
+        fewest, rounds = (MIN_HISTORY if rounds < 8 else 0), rounds + 1
         # Twice the games still needed: about half are dropped (won, or nothing fits), and every round costs up
         # to max_history calls of the policy whatever its size (15 calls per draw of 32 at 1x, 4 at 2x). The
         # games are independent, so the first n survivors are as good a sample as any n; the rest go unused.
         games = [{"answer": rng.choice(off_list if rng.random() < OFF_LIST_SHARE else train), "history": [],
-                  "turns": rng.randint(0, max_history)} for _ in range(2 * (n - len(examples)))]
+                  "turns": rng.randint(fewest, max_history)} for _ in range(2 * (n - len(examples)))]
         for turn in range(max_history):
             # Still playing: not won (turns = -1), and some game word still fits (else the state is dropped).
             playing = [game for game in games if turn < game["turns"] and len(pool_after(tuple(game["history"])))]
@@ -199,8 +209,9 @@ def training_examples(n, rng, max_history=4, policy=None):
                     game["turns"] = -1  # won: not a state to train on
                 elif guess in allowed:
                     game["history"].append((guess, wordle_feedback(guess, game["answer"])))
-        examples += [make_example(game["answer"], game["history"]) for game in games
-                     if game["turns"] >= 0 and len(pool_after(tuple(game["history"])))]
+        examples += [make_example(game["answer"], game["history"]) for game in games  # a non-word adds no line
+                     if game["turns"] >= 0 and len(game["history"]) >= fewest
+                     and len(pool_after(tuple(game["history"])))]
     return examples[:n]
 
 

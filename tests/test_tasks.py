@@ -104,19 +104,32 @@ def test_grpo_states_are_the_policys_own_games_against_off_list_words(monkeypatc
     calls, coin = [], random.Random(2)
     line = ["spray", "spray", "moist", "pudgy"]  # what this policy plays, turn by turn, with a repeat
 
-    def policy(examples):  # after the opening, half the time a non-word: it must use its turn and add no line
+    def policy(examples):  # half the time a non-word: it must use its turn and add no line
         calls.append(len(examples))
-        return [wordle.completion("zzzzz" if ex["history"] and coin.random() < 0.5 else line[len(ex["history"])])
-                for ex in examples]
+        return [wordle.completion("zzzzz" if coin.random() < 0.5 else line[len(ex["history"])]) for ex in examples]
 
     monkeypatch.setattr(wordle, "OFF_LIST_SHARE", 1.0)
-    states = wordle.training_examples(200, random.Random(0), policy=policy)
-    assert set(line) <= allowed and len(states) == 200 and calls[0] > 200  # one call per turn: twice the games
-    assert all(ex["answer"] in off_list for ex in states)
-    assert {len(ex["history"]) for ex in states} == {0, 1, 2, 3, 4}
-    for ex in states:
-        assert [g for g, _ in ex["history"]] == line[:len(ex["history"])]
-        assert is_consistent(ex["answer"], ex["history"]) and len(wordle.pool_after(ex["history"]))
+    for min_history in (0, 1, 2):
+        monkeypatch.setattr(wordle, "MIN_HISTORY", min_history)
+        calls.clear()
+        states = wordle.training_examples(200, random.Random(0), policy=policy)
+        assert set(line) <= allowed and len(states) == 200 and calls[0] > 200  # one call per turn: twice the games
+        assert all(ex["answer"] in off_list for ex in states)
+        assert {len(ex["history"]) for ex in states} == set(range(min_history, 5))  # too few lines: dropped
+        for ex in states:
+            assert [g for g, _ in ex["history"]] == line[:len(ex["history"])]
+            assert is_consistent(ex["answer"], ex["history"]) and len(wordle.pool_after(ex["history"]))
+
+    # A player that never spells a word, or always wins, still gets its states: after 8 rounds, shorter ones.
+    def never_a_word(examples):
+        return [wordle.completion("zzzzz")] * len(examples)
+
+    def always_wins(examples):
+        return [wordle.completion(ex["answer"]) for ex in examples]
+
+    for player in (never_a_word, always_wins):
+        states = wordle.training_examples(20, random.Random(3), policy=player)
+        assert len(states) == 20 and not any(ex["history"] for ex in states)
 
     monkeypatch.setattr(wordle, "OFF_LIST_SHARE", 0.0)
     states = wordle.training_examples(100, random.Random(1))  # no policy: the warm start's teacher plays

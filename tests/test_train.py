@@ -353,7 +353,8 @@ def test_wordle_states_are_played_by_the_policy_and_a_stopped_run_resumes_exactl
     from data import wordle
     args = ["--task=wordle", "--n_layer=2", "--n_head=2", "--n_embd=32", "--sft_steps=6", "--sft_batch_size=16",
             "--grpo_steps=6", "--prompts_per_step=4", "--group_size=4", "--eval_interval=3", "--eval_games=10",
-            "--checkpoint_interval=1", "--threads=1", "--reference_players=false", "--num_iterations=1"]
+            "--checkpoint_interval=1", "--threads=1", "--reference_players=false", "--num_iterations=1",
+            "--dynamic_sampling=false"]  # one draw of states per step (Wordle's default redraws flat groups)
     players, original = [], wordle.training_examples
 
     def handed(n, rng, max_history=4, policy=None):
