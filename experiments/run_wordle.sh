@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The Wordle default run over three seeds (python train.py --task=wordle), one after another, each alone with
 # torch's default threads (2 here) and timed. The run folders and their logs land in runs/; the tables are
-# copied into experiments/wordle/ (eval-seed*.json, and the evaluations every 200 steps in evals-seed*.jsonl).
+# copied into experiments/wordle/ (dynsamp-seed*-eval.json, and the evaluations every 200 steps in
+# dynsamp-seed*-evals.jsonl; the previous default's are eval-seed*.json and evals-seed*.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs experiments/wordle
 for seed in 1337 1 2; do
     /usr/bin/time -f "wall %e s" python train.py --task=wordle --seed=$seed --out_dir=runs/wordle-seed$seed \
         --overwrite > runs/wordle-seed$seed.log 2>&1
-    cp runs/wordle-seed$seed/eval.json experiments/wordle/eval-seed$seed.json
-    grep '"stage": "eval"' runs/wordle-seed$seed/metrics.jsonl > experiments/wordle/evals-seed$seed.jsonl
+    cp runs/wordle-seed$seed/eval.json experiments/wordle/dynsamp-seed$seed-eval.json
+    grep '"stage": "eval"' runs/wordle-seed$seed/metrics.jsonl > experiments/wordle/dynsamp-seed$seed-evals.jsonl
 done

@@ -262,6 +262,21 @@ def test_a_skipped_dynamic_sampling_step_logs_a_complete_record(tmp_path):
     assert all(set(r) == set(steps[0]) for r in steps) and "completion_len" in steps[0]
 
 
+def test_evaluations_do_not_change_the_run(tmp_path):
+    # Held-out evaluations use their own generator and no training stream: how often they run (a cost of the
+    # default's wall time) must not change the weights a run ends with.
+    final = {}
+    for interval in (1, 8):
+        out = tmp_path / f"every{interval}"
+        train.main(TINY + [f"--out_dir={out}", f"--eval_interval={interval}", "--reference_players=false",
+                           "--sft_steps=40"])  # 40 warm-start steps: some groups have a spread, GRPO moves
+        final[interval] = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    warm = torch.load(tmp_path / "every1" / "warm_start.pt", weights_only=True)["model"]
+    assert any(not torch.equal(final[1][k], warm[k]) for k in warm)  # GRPO moved the model
+    for key in final[1]:
+        assert torch.equal(final[1][key], final[8][key]), key
+
+
 def test_grpo_starts_with_a_fresh_optimizer(tmp_path):
     # The warm start's AdamW moments would move the weights on GRPO's first step even with every advantage 0.
     out = tmp_path / "run"
