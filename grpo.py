@@ -74,6 +74,8 @@ class GRPOConfig:
     reward_weights: Optional[tuple] = knob(None, "one weight per reward function, comma-separated; unset = all 1")
     dynamic_sampling: bool = knob(False, "DAPO: drop zero-spread groups and sample more prompts")
     max_sampling_rounds: int = knob(4, "cap on sampling rounds with dynamic_sampling")
+    refill_factor: float = knob(1.0, "dynamic sampling: a later round samples this many times the groups "
+                                     "still missing (>1 fills the batch in fewer rounds)")
     overlong_buffer: int = knob(0, "DAPO: soft length penalty over the last this-many tokens; 0 = off")
     mask_truncated: bool = knob(False, "DAPO: completions without a stop token are left out of the loss")
     logprob_chunk: int = knob(512, "rows of logits materialized at a time when computing log-probs")
@@ -90,6 +92,8 @@ class GRPOConfig:
         for name in ("group_size", "num_iterations", "max_new_tokens", "max_sampling_rounds", "logprob_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.refill_factor) and self.refill_factor >= 1):
+            raise ValueError(f"refill_factor must be a finite number >= 1, got {self.refill_factor}")
         for name in ("eps_low", "eps_high", "beta", "adv_eps", "overlong_buffer"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):  # a negative clip range zeroes half the gradients
@@ -257,6 +261,7 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
             samples, rewards, metrics["sampling_rounds"] = keep_groups_with_spread(
                 samples, rewards, len(prompts), policy, reward_fns, config, generator, decode, refill)
     t1 = time.perf_counter()
+    metrics["groups_learned"] = len(rewards) / config.group_size  # fewer if sampling ran out of rounds
     if len(rewards) == 0:  # no group had any reward spread, on any process: nothing to learn from this batch
         return {**metrics, **update_metrics([]), "skipped": 1.0, "time_sample_s": t1 - t0, "time_learn_s": 0.0}
 
@@ -264,7 +269,7 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
     advantages = group_advantages(rewards, config.group_size, config.scale_rewards, config.adv_eps)
     minibatches = torch.arange(len(rewards), device=rewards.device).split(config.minibatch_size or len(rewards))
 
-    # 3. pi_old's log-probs (only when the policy moves before this rollout's last use) and the reference's
+    # 3. pi_old's log-probs (only when the policy moves between minibatches of one pass) and the reference's
     #    (only with a KL term), computed once, without gradients.
     with torch.no_grad(), autocast:
         old_logp, ref_logp = frozen_logprobs(policy, reference, samples, minibatches, config)
@@ -285,11 +290,12 @@ def logprobs(module, samples, rows, config, with_entropy=False):
 
 
 def frozen_logprobs(policy, reference, samples, minibatches, config):
-    """(pi_old's log-probs or None, the reference's or None). With one optimizer step per rollout the policy being
-    trained IS pi_old, so none are needed (rho = 1 exactly). The reference is `reference`, or for
-    reference=LORA_BASE the policy with its LoRA adapters switched off."""
+    """(pi_old's log-probs or None, the reference's or None). With the whole rollout in one minibatch the first
+    pass runs before any optimizer step, so its own log-probs are pi_old's (update_passes keeps them, detached):
+    no extra forward. The reference is `reference`, or for reference=LORA_BASE the policy with its LoRA adapters
+    switched off."""
     old_logp = ref_logp = None
-    if config.num_iterations * len(minibatches) > 1:
+    if len(minibatches) > 1:
         old_logp = torch.cat([logprobs(PolicyLogprobs(policy), samples, rows, config)[0] for rows in minibatches])
     if config.beta > 0:
         with adapters_off(policy) if reference == LORA_BASE else contextlib.nullcontext():
@@ -310,7 +316,9 @@ def update_passes(policy, learner, optimizer, samples, advantages, old_logp, ref
         for rows in minibatches:
             with autocast:
                 logp, entropy = logprobs(learner, samples, rows, config, with_entropy=True)
-            old = old_logp[rows] if old_logp is not None else logp.detach()  # one step: rho == 1 exactly
+            if old_logp is None:  # one minibatch, first pass: the weights have not moved, this IS pi_old
+                old_logp = logp.detach()  # rho == 1 exactly now; later passes divide by these same numbers
+            old = old_logp[rows]
             loss, stats = grpo_loss(logp, old, advantages[rows], mask[rows],
                                     ref_logp[rows] if ref_logp is not None else None,
                                     eps_low=config.eps_low, eps_high=config.eps_high, beta=config.beta,
@@ -546,8 +554,8 @@ def keep_groups_with_spread(samples, rewards, wanted, policy, reward_fns, config
         if rounds >= config.max_sampling_rounds or refill is None or all_reduce(have, "min") >= wanted:
             break
         rounds += 1
-        if have < wanted:
-            prompts, examples = refill(wanted - have)
+        if have < wanted:  # most of the missing groups may come out flat again: refill_factor samples extra
+            prompts, examples = refill(math.ceil(config.refill_factor * (wanted - have)))
             samples, rewards, _ = rollout(policy, prompts, examples, reward_fns, config, generator, decode)
         else:  # this process is full; it only joins the others' decision
             samples, rewards = subset(samples, torch.zeros_like(rows)), rewards[:0]

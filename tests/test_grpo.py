@@ -366,10 +366,16 @@ def test_dynamic_sampling_refills_groups_with_spread():
     config = GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True)
     m = grpo_step(model, optimizer, [[1, 2], [3, 4]], ["flat", "spread"], [reward], config,
                   generator=torch.Generator().manual_seed(0), refill=refill)
-    assert calls == [1] and m["sampling_rounds"] == 2 and m["zero_std_frac"] == 0.5
+    assert calls == [1] and m["sampling_rounds"] == 2 and m["zero_std_frac"] == 0.5 and m["groups_learned"] == 2
     m = grpo_step(model, optimizer, [[1, 2]], ["flat"], [reward], config,
                   generator=torch.Generator().manual_seed(0))
-    assert m["skipped"] == 1.0
+    assert m["skipped"] == 1.0 and m["groups_learned"] == 0
+    # refill_factor: the later round samples 3 x the one missing group; the batch keeps the 2 wanted.
+    calls.clear()
+    config = GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True, refill_factor=3.0)
+    m = grpo_step(model, optimizer, [[1, 2], [3, 4]], ["flat", "spread"], [reward], config,
+                  generator=torch.Generator().manual_seed(0), refill=refill)
+    assert calls == [3] and m["sampling_rounds"] == 2 and m["groups_learned"] == 2
 
 
 def test_mask_truncated_leaves_unfinished_completions_out():
