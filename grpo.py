@@ -28,7 +28,8 @@ Every choice is one knob of GRPOConfig:
 A trap worth knowing: with num_iterations = 1 and one minibatch, the policy being trained IS pi_old, so
 rho = 1 exactly, the clip never acts, and the gradient is REINFORCE with the group-mean baseline,
 sum_t A_i grad log pi(o_{i,t}). The clip only matters when the same rollout is reused for several optimizer
-steps; then the old log-probs are computed once, without grad, right after sampling. pi_old is never the
+steps; then the old log-probs are fixed numbers from before the first update: the first pass's own, detached,
+when the whole rollout is one minibatch, else a pass without grad right after sampling. pi_old is never the
 reference model. Another: with loss_type "grpo" the loss VALUE is about 0 at rho = 1 (advantages are centred
 within each group) while its gradient is not; that is expected.
 """

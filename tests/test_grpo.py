@@ -307,6 +307,36 @@ def test_several_inner_iterations_clip_and_stay_finite():
     assert all(math.isfinite(h["loss"]) for h in history)
 
 
+def test_two_passes_over_one_minibatch_divide_by_the_sampling_policys_logprobs():
+    # With the whole rollout in one minibatch, grpo_step takes pi_old's log-probs from its own first pass. An
+    # independent computation: score the rollout under the policy before any update (the plain, ungrouped pass),
+    # then two Adam steps of the clipped loss against those fixed numbers. (Taking each pass's own detached
+    # log-probs instead would make rho 1 in the second pass, and the clip would never act: different weights.)
+    config = GRPOConfig(group_size=8, max_new_tokens=6, num_iterations=2, eps_low=0.05, eps_high=0.05)
+    model, twin = tiny_gpt(seed=1, dtype=torch.float64), tiny_gpt(seed=1, dtype=torch.float64)  # Adam magnifies
+    # float32 rounding on weights whose gradients are near 0: float64 makes the comparison exact to 1e-9
+    optimizer, twin_optimizer = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (model, twin))
+    prompts, reward = [[1, 2, 3], [4, 5, 6]], share_of_token(3)
+    m = grpo_step(model, optimizer, prompts, [None] * 2, [reward], config, generator=torch.Generator().manual_seed(0))
+    assert m["clip_low_frac"] + m["clip_high_frac"] > 0  # the second pass is off-policy and the clip acts
+
+    s = sample(twin, prompts, max_new_tokens=6, group_size=8, generator=torch.Generator().manual_seed(0))
+    r = torch.tensor([reward(c, None) for c in s.completion_tokens(None)]).view(2, 8)
+    advantages = torch.where(r.std(1, keepdim=True) > 0, (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True)
+                                                                                         + 1e-6), 0.0).view(-1)
+    with torch.no_grad():
+        old = token_logprobs(twin, s.tokens, s.prompt_len, valid=s.valid)[0]
+    for _ in range(2):
+        logp = token_logprobs(twin, s.tokens, s.prompt_len, valid=s.valid)[0]
+        loss, _ = grpo_loss(logp, old, advantages, s.completion_mask, eps_low=0.05, eps_high=0.05)
+        twin_optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
+        twin_optimizer.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
 def test_kl_term_uses_the_reference_and_is_zero_at_the_start():
     model = tiny_gpt(seed=1, dtype=torch.float32)
     reference = tiny_gpt(seed=1, dtype=torch.float32).requires_grad_(False)

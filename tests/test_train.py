@@ -53,6 +53,8 @@ def test_unknown_and_bad_flags_are_rejected_with_the_closest_names():
     ("--eps_high=-1", "eps_high must be a finite number >= 0"),
     ("--sft_player=ghost", "--sft_player='ghost' is not one of oracle, sloppy, random"),
     ("--temperature=0", "temperature must be positive during GRPO"),
+    ("--refill_factor=0.5", "refill_factor must be a finite number >= 1, got 0.5"),
+    ("--refill_factor=inf", "--refill_factor='inf' is not a valid float"),
 ])
 def test_every_bad_flag_is_refused_by_the_parser_naming_it(flag, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
