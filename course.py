@@ -125,7 +125,8 @@ def lesson8():
     print("outside the game, 50 held-out games, greedy and sampled.\n")
     train.main(["--task=wordle", "--sft_steps=300", "--grpo_steps=10", "--eval_games=50", "--eval_interval=10",
                 "--out_dir=runs/course-lesson8", "--overwrite"])
-    print("\nThe full CPU run: python train.py --task=wordle --out_dir=runs/wordle (about 16 minutes on 2 cores).")
+    print("\nThe full CPU run: python train.py --task=wordle --out_dir=runs/wordle (about 16 minutes on 2 cores, "
+          "up to 29 on a slow day).")
     print("Measured (experiments/wordle.md, 3 seeds): the warm start reads the feedback, because a letter and its mark")
     print("are one token: 30.2% of held-out games won greedily. GRPO's states are games the policy itself played")
     print("against words outside the game, so the reward can pay only for guesses that fit the feedback, not for")
