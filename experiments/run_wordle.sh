@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The Wordle default run over three seeds (python train.py --task=wordle), one after another, each alone with
 # torch's default threads (2 here) and timed. The run folders and their logs land in runs/; the tables are
-# copied into experiments/wordle/ (dynsamp-seed*-eval.json, and the evaluations every 200 steps in
-# dynsamp-seed*-evals.jsonl; the previous default's are eval-seed*.json and evals-seed*.jsonl).
+# copied into experiments/wordle/ (rf2-seed*-eval.json, and the evaluations every 200 steps in
+# rf2-seed*-evals.jsonl; the previous defaults' are dynsamp-seed* with --refill_factor=1, and eval-seed*.json
+# and evals-seed*.jsonl before dynamic sampling).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs experiments/wordle
 for seed in 1337 1 2; do
     /usr/bin/time -f "wall %e s" python train.py --task=wordle --seed=$seed --out_dir=runs/wordle-seed$seed \
         --overwrite > runs/wordle-seed$seed.log 2>&1
-    cp runs/wordle-seed$seed/eval.json experiments/wordle/dynsamp-seed$seed-eval.json
-    grep '"stage": "eval"' runs/wordle-seed$seed/metrics.jsonl > experiments/wordle/dynsamp-seed$seed-evals.jsonl
+    cp runs/wordle-seed$seed/eval.json experiments/wordle/rf2-seed$seed-eval.json
+    grep '"stage": "eval"' runs/wordle-seed$seed/metrics.jsonl > experiments/wordle/rf2-seed$seed-evals.jsonl
 done
