@@ -93,7 +93,8 @@ def use_full_lists():
     """Switch this module to the full game (data/wordle_full.py calls it before anything is computed)."""
     global FULL
     FULL = True
-    for cached in (words, feedback_table, pool_after, first_guess, greens_and_greys, off_list_words):
+    for cached in (words, feedback_table, answer_letters, pool_after, first_guess, greens_and_greys,
+                   off_list_words):
         cached.cache_clear()
 
 
@@ -319,21 +320,30 @@ def first_guess():
     return max_info_guess(())  # the same for every game: computed once
 
 
+@lru_cache(maxsize=None)
+def answer_letters():
+    """(answers, 5) int8 table of the answers' letters (a = 0), for filtering all answers at once."""
+    _, answers, _, _ = words()
+    return np.array([[ord(c) - 97 for c in w] for w in answers], dtype=np.int8)
+
+
 @lru_cache(maxsize=100_000)
 def greens_and_greys(history):
     """Indices of the answers that fit the greens and greys of history but may break its yellows (the sloppy
     teacher's slip), none of them an earlier guess."""
-    _, answers, _, _ = words()
-    guessed = {g for g, _ in history}
-    greens = {(i, g) for guess, fb in history for i, (g, m) in enumerate(zip(guess, fb)) if m == "G"}
-    # a grey letter is absent only if no other copy of it in that guess was marked (duplicate-letter rule)
-    greys = {g for guess, fb in history for g, m in zip(guess, fb)
-             if m == "X" and g not in {h for h, n in zip(guess, fb) if n != "X"}}
-
-    def fits(word):
-        return (word not in guessed and all(word[i] == g for i, g in greens)
-                and not any(g in word for g in greys))
-    return np.array([i for i, w in enumerate(answers) if fits(w)])
+    _, _, answer_index, _ = feedback_table()
+    letters = answer_letters()  # (A, 5)
+    fits = np.ones(len(letters), dtype=bool)
+    for guess, fb in history:
+        marked = {g for g, m in zip(guess, fb) if m != "X"}
+        for i, (g, m) in enumerate(zip(guess, fb)):
+            if m == "G":  # this letter in this place
+                fits &= letters[:, i] == ord(g) - 97
+            elif m == "X" and g not in marked:  # absent, unless another copy in that guess was marked
+                fits &= ~(letters == ord(g) - 97).any(1)
+        if guess in answer_index:  # never an earlier guess
+            fits[answer_index[guess]] = False
+    return np.flatnonzero(fits)  # a numpy loop over the 600 answers: the warm start's teacher calls it every turn
 
 
 def reference_players(rng=None):

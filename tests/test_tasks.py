@@ -155,6 +155,28 @@ def test_the_sloppy_teachers_slip_keeps_greens_and_greys_and_never_repeats():
     assert grew > 10  # ignoring the yellows does admit more words, usually
 
 
+def test_the_slip_pool_is_exactly_the_words_that_fit_greens_and_greys():
+    """The numpy filter against the rule written out word by word, on histories of 1-4 guesses (words with a
+    repeated letter included: a grey copy beside a marked one is not absent)."""
+    _, answers, _, _ = wordle.words()
+    rng = random.Random(3)
+    doubled = [w for w in answers if len(set(w)) < 5]
+    for _ in range(200):
+        answer = rng.choice(answers)
+        guesses = rng.sample(answers, rng.randint(0, 3)) + [rng.choice(doubled)]
+        history = tuple((g, wordle_feedback(g, answer)) for g in guesses)
+
+        def fits(word):
+            for guess, fb in history:
+                marked = {c for c, m in zip(guess, fb) if m != "X"}
+                if word == guess or any(m == "G" and word[i] != c for i, (c, m) in enumerate(zip(guess, fb))):
+                    return False
+                if any(m == "X" and c not in marked and c in word for c, m in zip(guess, fb)):
+                    return False
+            return True
+        assert [answers[i] for i in wordle.greens_and_greys(history)] == [w for w in answers if fits(w)]
+
+
 def test_addition_task_players_and_tokenizer():
     enc = addition.tokenizer()
     text = addition.prompt({"a": 12, "b": 345}) + "357<|end|>"

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -385,3 +386,22 @@ def test_wordle_states_are_played_by_the_policy_and_a_stopped_run_resumes_exactl
     assert a["step"] == b["step"] == 5
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_the_greedy_player_runs_each_distinct_prompt_once_and_answers_each_as_if_alone(monkeypatch):
+    from data import wordle
+    from tests.helpers import tiny_gpt
+    enc = wordle.tokenizer()
+    model = tiny_gpt(vocab_size=enc.n_vocab, dtype=torch.float32, block_size=40).eval()
+    openings = [[], [("crane", "XYXXG")], [("crane", "XYXXG"), ("slate", "GXXXX")]]
+    examples = [wordle.make_example("abbey", openings[i % 3]) for i in (0, 1, 0, 2, 2, 0, 1, 0)]
+    batches, real_sample = [], train.sample
+    monkeypatch.setattr(train, "sample", lambda model, prompts, **kw: batches.append(len(prompts)) or
+                        real_sample(model, prompts, **kw))
+    greedy = train.model_player(model, enc, wordle, 8, nullcontext())
+    alone = [greedy([ex])[0] for ex in examples]
+    batches.clear()
+    assert greedy(examples) == alone and batches == [3]
+    batches.clear()  # a sampled player draws every completion, the same prompt included
+    train.model_player(model, enc, wordle, 8, nullcontext(), 1.0, torch.Generator().manual_seed(0))(examples)
+    assert batches == [8]
