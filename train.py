@@ -165,10 +165,15 @@ def parse_config(argv):
             values[key] = parse_value(raw, kind)
         except ValueError:
             raise SystemExit(f"error: --{key}={raw!r} is not a valid {describe(kind)}") from None
+    given = set(values)  # the command line's own flags: --resume checks these against the run, not task defaults
     try:
         task_name = values.get("task", TrainConfig.task)
         if task_name in TASKS:  # a task's own defaults for the flags not given (data/wordle.py has some)
-            values = {**getattr(importlib.import_module(f"data.{task_name}"), "TRAIN_DEFAULTS", {}), **values}
+            task_defaults = getattr(importlib.import_module(f"data.{task_name}"), "TRAIN_DEFAULTS", {})
+            if set(task_defaults) - set(known):
+                raise SystemExit(f"error: data/{task_name}.py's TRAIN_DEFAULTS sets "
+                                 f"{', '.join(sorted(set(task_defaults) - set(known)))}, not a flag of train.py")
+            values = {**task_defaults, **values}
         cfg = TrainConfig(**values)
         task = importlib.import_module(f"data.{cfg.task}")  # zeros and unset values: the task's own
         reward_fns, default_weights = task.reward_functions()
@@ -184,7 +189,7 @@ def parse_config(argv):
         raise SystemExit(f"error: --sft_player={cfg.sft_player!r} is not one of "
                          f"{', '.join(task.reference_players())}")
     if cfg.resume:
-        cfg = resumed_config(cfg, set(values))
+        cfg = resumed_config(cfg, given)
     return cfg
 
 

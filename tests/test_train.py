@@ -146,6 +146,28 @@ def test_resume_takes_the_runs_config_and_refuses_other_values(tmp_path):
     assert train.parse_config([f"--out_dir={out}", "--resume", "--threads=2"]).threads == 2
 
 
+def test_a_tasks_own_defaults_are_not_flags_given_to_a_resumed_run(tmp_path):
+    # Wordle's TRAIN_DEFAULTS set lr=1e-4; a run made with --lr=3e-4 resumes with --task=wordle on the command
+    # line as well as without it, and keeps its own 3e-4 (the default was not given, so it cannot differ).
+    import dataclasses
+    out = tmp_path / "run"
+    out.mkdir()
+    made = train.parse_config(["--task=wordle", "--lr=3e-4", f"--out_dir={out}"])
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(made)))
+    for argv in ([f"--out_dir={out}", "--resume"], ["--task=wordle", f"--out_dir={out}", "--resume"]):
+        assert train.parse_config(argv).lr == 3e-4
+    with pytest.raises(SystemExit, match="--lr: the run has 0.0003, the command line 0.0001"):
+        train.parse_config(["--task=wordle", "--lr=1e-4", f"--out_dir={out}", "--resume"])
+
+
+def test_a_tasks_default_that_is_not_a_flag_is_refused_naming_it(monkeypatch):
+    from data import wordle
+    monkeypatch.setattr(wordle, "TRAIN_DEFAULTS", {**wordle.TRAIN_DEFAULTS, "grpo_stpes": 10})
+    with pytest.raises(SystemExit, match="data/wordle.py's TRAIN_DEFAULTS sets grpo_stpes, not a flag of train.py"):
+        train.parse_config(["--task=wordle"])
+    assert train.parse_config(["--task=addition"]).task == "addition"  # another task's defaults are not read
+
+
 def corrupt(path, n=20, seed=0):
     data = bytearray(path.read_bytes())
     g = torch.Generator().manual_seed(seed)
