@@ -125,13 +125,13 @@ def lesson8():
     print("outside the game, 50 held-out games, greedy and sampled.\n")
     train.main(["--task=wordle", "--sft_steps=300", "--grpo_steps=10", "--eval_games=50", "--eval_interval=10",
                 "--out_dir=runs/course-lesson8", "--overwrite"])
-    print("\nThe full CPU run: python train.py --task=wordle --out_dir=runs/wordle (16 to 33 minutes on 2 cores, "
+    print("\nThe full CPU run: python train.py --task=wordle --out_dir=runs/wordle (19 to 30 minutes on 2 cores, "
           "depending on the day of this shared VM).")
     print("Measured (experiments/wordle.md, 3 seeds): the warm start reads the feedback, because a letter and its mark")
-    print("are one token: 30.2% of held-out games won greedily. GRPO's states are games the policy itself played")
+    print("are one token: 29.5% of held-out games won greedily. GRPO's states are games the policy itself played")
     print("against words outside the game, so the reward can pay only for guesses that fit the feedback, not for")
-    print("knowing the answer list: 47.8% won after GRPO, +17.7 points (+13.5, +23.5, +16.0); invalid guesses")
-    print("28% -> 4%, consistent 40% -> 55%.")
+    print("knowing the answer list: 49.3% won after GRPO, +19.8 points (+16.0, +18.0, +25.5); invalid guesses")
+    print("30% -> 4%, consistent 40% -> 57%. The same three seeds on another day's machine: +18.7.")
     print("On the teacher's states against training answers it gained +2.0: it learned which words are answers.")
     print("Watch its games: python sample.py runs/wordle --n=4 (add --stage=warm_start for the model before GRPO).")
 

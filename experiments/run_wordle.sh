@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The Wordle default run over three seeds (python train.py --task=wordle), one after another, each alone with
 # torch's default threads (2 here) and timed. The run folders and their logs land in runs/; the tables are
-# copied into experiments/wordle/ (rf2-seed*-eval.json, and the evaluations every 200 steps in
-# rf2-seed*-evals.jsonl; the previous defaults' are dynsamp-seed* with --refill_factor=1, and eval-seed*.json
-# and evals-seed*.jsonl before dynamic sampling). An argument replaces the prefix rf2 (`bash
-# experiments/run_wordle.sh s11`: the eleventh session's rerun on another day's machine).
+# copied into experiments/wordle/ as TAG-seed*-eval.json, and the evaluations every 200 steps as
+# TAG-seed*-evals.jsonl, TAG the argument (default `rerun`). The present default's files are s12msr3-seed*
+# (made with --max_sampling_rounds=3 before it was the default); the previous defaults' rf2-seed* and s11-seed*
+# (four rounds), dynsamp-seed* (--refill_factor=1), and eval-seed*.json, evals-seed*.jsonl (no dynamic sampling).
 set -euo pipefail
-tag=${1:-rf2}
+tag=${1:-rerun}
 cd "$(dirname "$0")/.."
 mkdir -p runs experiments/wordle
 for seed in 1337 1 2; do
