@@ -170,9 +170,10 @@ def parse_config(argv):
         task_name = values.get("task", TrainConfig.task)
         if task_name in TASKS:  # a task's own defaults for the flags not given (data/wordle.py has some)
             task_defaults = getattr(importlib.import_module(f"data.{task_name}"), "TRAIN_DEFAULTS", {})
-            if set(task_defaults) - set(known):
-                raise SystemExit(f"error: data/{task_name}.py's TRAIN_DEFAULTS sets "
-                                 f"{', '.join(sorted(set(task_defaults) - set(known)))}, not a flag of train.py")
+            not_flags = sorted(set(task_defaults) - set(known))
+            if not_flags:
+                raise SystemExit(f"error: data/{task_name}.py's TRAIN_DEFAULTS sets {', '.join(not_flags)}, "
+                                 f"not a flag of train.py")
             values = {**task_defaults, **values}
         cfg = TrainConfig(**values)
         task = importlib.import_module(f"data.{cfg.task}")  # zeros and unset values: the task's own

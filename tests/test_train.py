@@ -149,11 +149,8 @@ def test_resume_takes_the_runs_config_and_refuses_other_values(tmp_path):
 def test_a_tasks_own_defaults_are_not_flags_given_to_a_resumed_run(tmp_path):
     # Wordle's TRAIN_DEFAULTS set lr=1e-4; a run made with --lr=3e-4 resumes with --task=wordle on the command
     # line as well as without it, and keeps its own 3e-4 (the default was not given, so it cannot differ).
-    import dataclasses
     out = tmp_path / "run"
-    out.mkdir()
-    made = train.parse_config(["--task=wordle", "--lr=3e-4", f"--out_dir={out}"])
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(made)))
+    train.prepare_out_dir(train.parse_config(["--task=wordle", "--lr=3e-4", f"--out_dir={out}"]), rank=0)
     for argv in ([f"--out_dir={out}", "--resume"], ["--task=wordle", f"--out_dir={out}", "--resume"]):
         assert train.parse_config(argv).lr == 3e-4
     with pytest.raises(SystemExit, match="--lr: the run has 0.0003, the command line 0.0001"):
