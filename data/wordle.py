@@ -409,8 +409,9 @@ def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS)
     result = {"games": len(answers), "win_rate": len(wins) / len(answers),
               "mean_guesses": sum(wins) / len(wins) if wins else float("nan"),
               "invalid_rate": invalid / guesses, "consistent_rate": consistent / guesses}
-    if keep_games:
-        result["transcripts"] = [{"answer": answers[i], "guesses": transcripts[i]} for i in range(keep_games)]
+    if keep_games:  # at most every game played (--log_samples may exceed --eval_games)
+        result["transcripts"] = [{"answer": answers[i], "guesses": transcripts[i]}
+                                 for i in range(min(keep_games, len(answers)))]
     return result
 
 

@@ -218,6 +218,9 @@ def test_tasks_share_one_interface(task):
         ids = enc.encode(p + c + "<|end|>", allowed_special="all")
         assert enc.decode(ids) == p + c + "<|end|>" and len(ids) <= task.BLOCK_SIZE
         assert len(enc.encode(c + "<|end|>", allowed_special="all")) <= task.MAX_NEW_TOKENS
+    # More transcripts asked for than games played (--log_samples above --eval_games): as many as were played.
+    player = task.reference_players(random.Random(0))[task.DEFAULT_PLAYER]
+    assert len(task.evaluate(player, 2, keep_games=5)["transcripts"]) == 2
 
 
 def all_values_naively(numbers):
