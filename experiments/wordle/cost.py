@@ -1,0 +1,147 @@
+"""Where a Wordle run's time goes: matrix-multiply FLOPs and wall seconds of each phase, against this machine's
+matmul peak, for experiments/wordle.md ("What 15 minutes allows on this machine"). Any train.py flag passes
+through (--task=wordle and --out_dir=runs/cost are added unless given):
+
+    python experiments/wordle/cost.py --sft_steps=50 --grpo_steps=0                        # warm-start steps
+    python experiments/wordle/cost.py --init_from=runs/wordle-seed1337/ckpt.pt --sft_steps=0 --grpo_steps=30 \
+        --eval_interval=1000 --eval_games=1 --log_samples=1 --reference_players=false  # late GRPO steps
+
+train.py runs twice: once under torch's FlopCounterMode, which counts every matmul and attention FLOP, forward
+and backward (its dispatch slows every operation, so that run is not timed), then once plain, timed. A phase
+is the outermost of the functions below that is running; the evaluation's own games count as evaluation.
+"""
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import grpo
+import train
+from data import wordle
+
+PHASES = [  # (module, function, phase name)
+    (train, "warm_start", "warm start"),
+    (train, "evaluate_model", "evaluation (greedy + sampled)"),
+    (train, "sample", "GRPO: states (the policy's greedy games)"),
+    (grpo, "sample", "GRPO: groups sampled"),
+    (grpo, "frozen_logprobs", "GRPO: reference log-probs"),
+    (grpo, "update_passes", "GRPO: update passes"),
+]
+ORIGINAL = {(module, name): getattr(module, name) for module, name, _ in PHASES}
+
+
+def measure(argv, count_flops, device):
+    """Run train.main(argv) with every phase wrapped: {phase: [FLOPs, seconds, calls]}."""
+    totals, running = defaultdict(lambda: [0, 0.0, 0]), []
+
+    def clock():  # CUDA runs asynchronously: wait for the queued kernels before reading the time
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def wrapped(fn, phase):
+        def run_phase(*args, **kwargs):
+            if running:  # inside another phase: its FLOPs and seconds are that phase's
+                return fn(*args, **kwargs)
+            running.append(phase)
+            counter = FlopCounterMode(display=False) if count_flops else nullcontext()
+            try:
+                with counter:
+                    t0 = clock()
+                    out = fn(*args, **kwargs)
+                    seconds = clock() - t0
+            finally:
+                running.pop()
+            total = totals[phase]
+            total[0] += counter.get_total_flops() if count_flops else 0
+            total[1] += seconds
+            total[2] += 1
+            return out
+        return run_phase
+
+    for module, name, phase in PHASES:
+        setattr(module, name, wrapped(ORIGINAL[module, name], phase))
+    try:
+        t0 = time.perf_counter()
+        train.main(argv)
+        totals["whole run"][1] = time.perf_counter() - t0
+    finally:
+        for module, name, _ in PHASES:
+            setattr(module, name, ORIGINAL[module, name])
+    return totals
+
+
+def matmul_peak(m, k, n, device, dtype, seconds=2.0):
+    """GFLOP/s of an (m, k) @ (k, n) product on the run's device, in the dtype its matmuls run in."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    repeats, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            a @ b
+        sync()
+        repeats += 10
+    return 2 * m * k * n * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def stage_steps(phase, sft_steps, grpo_steps, evaluations):
+    """What a phase's figures are divided by: its stage's steps, or for the evaluation the evaluations."""
+    if phase == "warm start":
+        return sft_steps
+    return evaluations if phase.startswith("evaluation") else grpo_steps
+
+
+def main(argv):
+    given = {arg.split("=")[0] for arg in argv}
+    argv = (["--task=wordle"] if "--task" not in given else []) + (
+        ["--out_dir=runs/cost"] if "--out_dir" not in given else []) + (
+        ["--overwrite"] if "--overwrite" not in given else []) + argv  # the timed run replaces the counted one
+    cfg = train.parse_config(argv)
+    device = train.pick_device(cfg)
+    dtype = torch.float32 if train.pick_autocast(cfg, device)[1] == "float32" else torch.bfloat16
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tokens = cfg.sft_batch_size * wordle.BLOCK_SIZE  # a warm-start batch's rows, at most
+    peaks = {"2048 x 2048 x 2048": matmul_peak(2048, 2048, 2048, device, dtype),  # first, on a quiet machine
+             f"the MLP's {tokens} x {cfg.n_embd} x {4 * cfg.n_embd}":
+                 matmul_peak(tokens, cfg.n_embd, 4 * cfg.n_embd, device, dtype)}
+    flops = measure(argv, count_flops=True, device=device)
+    seconds = measure(argv, count_flops=False, device=device)
+
+    # Per step of its stage; the evaluations per evaluation. A stage given 0 steps is not measured.
+    d = wordle.TRAIN_DEFAULTS
+    evaluations = d["grpo_steps"] // d["eval_interval"] + 1  # at GRPO's start, every eval_interval, at the end
+    steps, default_steps = {}, {}
+    for _, _, phase in PHASES:
+        if phase in seconds and stage_steps(phase, cfg.sft_steps, cfg.grpo_steps, seconds[phase][2]):
+            steps[phase] = stage_steps(phase, cfg.sft_steps, cfg.grpo_steps, seconds[phase][2])
+            default_steps[phase] = stage_steps(phase, d["sft_steps"], d["grpo_steps"], evaluations)
+
+    print(f"\n{' '.join(argv)}\n{device} {str(dtype)[6:]} matmul peak, GFLOP/s: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
+    print(f"{'phase':42s} {'calls':>6s} {'GFLOP':>8s} {'s':>7s} {'GFLOP/s':>8s} | per step (evaluation: "
+          "per evaluation): GFLOP, s")
+    for phase, n in steps.items():
+        gflop, (_, sec, calls) = flops[phase][0] / 1e9, seconds[phase]
+        print(f"{phase:42s} {calls:6d} {gflop:8.1f} {sec:7.2f} {gflop / sec:8.1f} | "
+              f"{gflop / n:7.2f} {sec / n:7.3f}")
+    in_phases = sum(seconds[phase][1] for phase in steps)
+    print(f"whole run {seconds['whole run'][1]:.1f} s, {in_phases:.1f} s of it in the phases above (the rest: "
+          "set-up, rewards, game logic, checkpoints, logging, the reference players)")
+
+    # The default run's matmul FLOPs at these per-step figures, and the least time they take at the peak.
+    tflop = sum(flops[phase][0] / n * default_steps[phase] for phase, n in steps.items()) / 1e12
+    print(f"the default's {', '.join(f'{default_steps[p]} x {p}' for p in steps)} at these figures: "
+          f"{tflop:.1f} TFLOP, at least {tflop * 1e3 / max(peaks.values()):.0f} s at the peak")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
