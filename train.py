@@ -186,6 +186,10 @@ def parse_config(argv):
     if len(cfg.reward_weights) != len(reward_fns):
         raise SystemExit(f"error: --reward_weights has {len(cfg.reward_weights)} values for {len(reward_fns)} "
                          f"rewards ({', '.join(f.__name__ for f in reward_fns)})")
+    limit = getattr(task, "EVAL_LIMIT", None)
+    if limit is not None and cfg.eval_games > limit:
+        raise SystemExit(f"error: --eval_games={cfg.eval_games} is more than the {limit} held-out games the "
+                         f"{cfg.task} task has")
     if (cfg.sft_player or task.DEFAULT_PLAYER) not in task.reference_players():
         raise SystemExit(f"error: --sft_player={cfg.sft_player!r} is not one of "
                          f"{', '.join(task.reference_players())}")

@@ -15,7 +15,8 @@ One module per task. Every task module has the same interface, which train.py, s
     evaluation_examples(n)              the held-out examples of a single-turn task (Wordle plays whole games)
 
 Optional: init_embeddings(weight, enc) seeds structure into a new model's token embeddings; show_games(player, n)
-prints a multi-turn task's games. The two helpers below are what every single-turn task does the same way.
+prints a multi-turn task's games; EVAL_LIMIT caps evaluate's n (Wordle has 200 held-out answers). The two helpers
+below are what every single-turn task does the same way.
 """
 
 import random

@@ -51,6 +51,7 @@ from rewards import (parse_guess, wordle_consistent, wordle_feedback, wordle_fee
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
 MAX_TURNS = 6
 HELDOUT = 200
+EVAL_LIMIT = HELDOUT  # an evaluation plays each held-out answer once: --eval_games above it is refused
 HEADLINE = ("win_rate", "mean_guesses", "invalid_rate", "consistent_rate")  # greedy and sampled in the table
 MAX_NEW_TOKENS, BLOCK_SIZE = 8, 40  # "<guess>", five letters, "</guess>", <|end|>; every prompt is 31 tokens
 SPLIT_SEED = 1234

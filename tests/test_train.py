@@ -37,6 +37,9 @@ def test_unknown_and_bad_flags_are_rejected_with_the_closest_names():
         train.parse_config(["--loss_type=ppo"])
     with pytest.raises(SystemExit, match="expected --key=value"):
         train.parse_config(["lr=1"])
+    with pytest.raises(SystemExit, match="--eval_games=201 is more than the 200 held-out games the wordle task has"):
+        train.parse_config(["--task=wordle", "--eval_games=201"])
+    assert train.parse_config(["--task=wordle", "--eval_games=200"]).eval_games == 200
     cfg = train.parse_config(["--beta=0.04", "--dynamic_sampling", "--overwrite=false", "--task=addition"])
     assert cfg.beta == 0.04 and cfg.dynamic_sampling and not cfg.overwrite and cfg.task == "addition"
 
