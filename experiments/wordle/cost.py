@@ -2,7 +2,7 @@
 matmul peak, for experiments/wordle.md ("What 15 minutes allows on this machine"). Any train.py flag passes
 through (--task=wordle and --out_dir=runs/cost are added unless given):
 
-    python experiments/wordle/cost.py --sft_steps=50 --grpo_steps=0                        # warm-start steps
+    python experiments/wordle/cost.py --sft_steps=100 --grpo_steps=0                       # warm-start steps
     python experiments/wordle/cost.py --init_from=runs/wordle-seed1337/ckpt.pt --sft_steps=0 --grpo_steps=30 \
         --eval_interval=1000 --eval_games=1 --log_samples=1 --reference_players=false  # late GRPO steps
 

@@ -11,6 +11,9 @@ them a default). Its own flags come first and are taken off before train.py read
     --teacher_states    the sloppy teacher plays GRPO's states' earlier turns, not the policy (with --off_list=0:
                         the states of the defaults before the fifth session, the same distribution, not the same
                         random stream)
+    --all_turns         every turn of a game the policy plays for GRPO's states is a state (a third of the games
+                        for the same states, fewer and smaller sampling calls), not one state per game at a random
+                        length (fourteenth session: the cost of sampling, experiments/wordle.md)
 
     python experiments/wordle/variant.py --answer_reward=1 --task=wordle \
         --init_from=runs/wordle-seed1337/warm_start.pt --sft_steps=0 --reference_players=false --out_dir=runs/x
@@ -27,7 +30,7 @@ import train
 from data import wordle
 
 OWN = {"--slip": float, "--train_answers": int, "--answer_reward": float, "--teacher_reads": str,
-       "--off_list": float, "--teacher_states": bool}
+       "--off_list": float, "--teacher_states": bool, "--all_turns": bool}
 own, rest = {}, []
 for arg in sys.argv[1:]:
     key, _, value = arg.partition("=")
@@ -43,6 +46,33 @@ wordle.OFF_LIST_SHARE = own.get("--off_list", wordle.OFF_LIST_SHARE)
 if own.get("--teacher_states"):  # a training_examples without a policy argument: train.py hands it none
     policy_states = wordle.training_examples
     wordle.training_examples = lambda n, rng, max_history=4: policy_states(n, rng, max_history)
+if own.get("--all_turns"):
+    def all_turn_states(n, rng, max_history=4, policy=None):
+        """n states as training_examples draws them (the policy's games, never won, some game word still fits,
+        at least MIN_HISTORY lines), but each game is played up to max_history turns and every turn that adds a
+        line is a state; the n are drawn at random from all of them, so short and long histories mix."""
+        allowed, _, train_answers, _ = wordle.words()
+        off_list = wordle.off_list_words() or train_answers
+        states = []
+        while len(states) < n:
+            games = [{"answer": rng.choice(off_list if rng.random() < wordle.OFF_LIST_SHARE else train_answers),
+                      "history": [], "won": False} for _ in range(max(1, (n - len(states) + 1) // 2))]
+            for _ in range(max_history):
+                playing = [g for g in games if not g["won"] and len(wordle.pool_after(tuple(g["history"])))]
+                if not playing:
+                    break
+                texts = policy([wordle.make_example(g["answer"], g["history"]) for g in playing])
+                for game, text in zip(playing, texts):
+                    guess = wordle.parse_guess(text)
+                    if guess == game["answer"]:
+                        game["won"] = True
+                    elif guess in allowed:
+                        game["history"].append((guess, wordle.wordle_feedback(guess, game["answer"])))
+                        if (len(game["history"]) >= wordle.MIN_HISTORY
+                                and len(wordle.pool_after(tuple(game["history"])))):
+                            states.append(wordle.make_example(game["answer"], game["history"]))
+        return rng.sample(states, n)
+    wordle.training_examples = all_turn_states
 if "--answer_reward" in own:
     def wordle_guess_answer_paid(completion, example):
         reward = rewards.wordle_guess(completion, example)
