@@ -11,9 +11,9 @@ them a default). Its own flags come first and are taken off before train.py read
     --teacher_states    the sloppy teacher plays GRPO's states' earlier turns, not the policy (with --off_list=0:
                         the states of the defaults before the fifth session, the same distribution, not the same
                         random stream)
-    --all_turns         every turn of a game the policy plays for GRPO's states is a state (a third of the games
-                        for the same states, fewer and smaller sampling calls), not one state per game at a random
-                        length (fourteenth session: the cost of sampling, experiments/wordle.md)
+    --all_turns         every turn of a game the policy plays for GRPO's states is a state, not one state per game
+                        at a random length (half the games a draw; timed in the fourteenth session: slower early,
+                        faster late, shorter histories; not pursued, experiments/wordle.md)
 
     python experiments/wordle/variant.py --answer_reward=1 --task=wordle \
         --init_from=runs/wordle-seed1337/warm_start.pt --sft_steps=0 --reference_players=false --out_dir=runs/x
