@@ -1,6 +1,6 @@
-"""Where a Wordle run's time goes: matrix-multiply FLOPs and wall seconds of each phase, against this machine's
-matmul peak, for experiments/wordle.md ("What 15 minutes allows on this machine"). Any train.py flag passes
-through (--task=wordle and --out_dir=runs/cost are added unless given):
+"""Where a Wordle run's time goes: matrix-multiply FLOPs and wall seconds of each phase, against the machine's
+matmul peak (bench.py's), for experiments/wordle.md ("What 15 minutes allows on this machine"). Any train.py flag
+passes through (--task=wordle and --out_dir=runs/cost are added unless given):
 
     python experiments/wordle/cost.py --sft_steps=100 --grpo_steps=0                       # warm-start steps
     python experiments/wordle/cost.py --init_from=runs/wordle-seed1337/ckpt.pt --sft_steps=0 --grpo_steps=30 \
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import grpo
 import train
 from data import wordle
@@ -40,8 +41,7 @@ def measure(argv, count_flops, device):
     totals, running = defaultdict(lambda: [0, 0.0, 0]), []
 
     def clock():  # CUDA runs asynchronously: wait for the queued kernels before reading the time
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        bench.sync(device)
         return time.perf_counter()
 
     def wrapped(fn, phase):
@@ -76,22 +76,6 @@ def measure(argv, count_flops, device):
     return totals
 
 
-def matmul_peak(m, k, n, device, dtype, seconds=2.0):
-    """GFLOP/s of an (m, k) @ (k, n) product on the run's device, in the dtype its matmuls run in."""
-    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    repeats, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(10):
-            a @ b
-        sync()
-        repeats += 10
-    return 2 * m * k * n * repeats / (time.perf_counter() - t0) / 1e9
-
-
 def stage_steps(phase, sft_steps, grpo_steps, evaluations):
     """What a phase's figures are divided by: its stage's steps, or for the evaluation the evaluations."""
     if phase == "warm start":
@@ -109,10 +93,7 @@ def main(argv):
     dtype = torch.float32 if train.pick_autocast(cfg, device)[1] == "float32" else torch.bfloat16
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tokens = cfg.sft_batch_size * wordle.BLOCK_SIZE  # a warm-start batch's rows, at most
-    peaks = {"2048 x 2048 x 2048": matmul_peak(2048, 2048, 2048, device, dtype),  # first, on a quiet machine
-             f"the MLP's {tokens} x {cfg.n_embd} x {4 * cfg.n_embd}":
-                 matmul_peak(tokens, cfg.n_embd, 4 * cfg.n_embd, device, dtype)}
+    peak = bench.bench_peak(device, dtype, repeats=5)  # bench.py's: first, on a quiet machine
     flops = measure(argv, count_flops=True, device=device)
     seconds = measure(argv, count_flops=False, device=device)
 
@@ -120,13 +101,13 @@ def main(argv):
     d = wordle.TRAIN_DEFAULTS
     evaluations = d["grpo_steps"] // d["eval_interval"] + 1  # at GRPO's start, every eval_interval, at the end
     steps, default_steps = {}, {}
-    for _, _, phase in PHASES:
-        if phase in seconds and stage_steps(phase, cfg.sft_steps, cfg.grpo_steps, seconds[phase][2]):
-            steps[phase] = stage_steps(phase, cfg.sft_steps, cfg.grpo_steps, seconds[phase][2])
+    for phase, (_, _, calls) in seconds.items():
+        n = stage_steps(phase, cfg.sft_steps, cfg.grpo_steps, calls) if phase != "whole run" else 0
+        if n:
+            steps[phase] = n
             default_steps[phase] = stage_steps(phase, d["sft_steps"], d["grpo_steps"], evaluations)
 
-    print(f"\n{' '.join(argv)}\n{device} {str(dtype)[6:]} matmul peak, GFLOP/s: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
+    print(f"\n{' '.join(argv)}\n{device} {str(dtype)[6:]} matmul peak (bench.py's): {peak:.1f} GFLOP/s")
     print(f"{'phase':42s} {'calls':>6s} {'GFLOP':>8s} {'s':>7s} {'GFLOP/s':>8s} | per step (evaluation: "
           "per evaluation): GFLOP, s")
     for phase, n in steps.items():
@@ -140,7 +121,7 @@ def main(argv):
     # The default run's matmul FLOPs at these per-step figures, and the least time they take at the peak.
     tflop = sum(flops[phase][0] / n * default_steps[phase] for phase, n in steps.items()) / 1e12
     print(f"the default's {', '.join(f'{default_steps[p]} x {p}' for p in steps)} at these figures: "
-          f"{tflop:.1f} TFLOP, at least {tflop * 1e3 / max(peaks.values()):.0f} s at the peak")
+          f"{tflop:.1f} TFLOP, at least {tflop * 1e3 / peak:.0f} s at the peak")
 
 
 if __name__ == "__main__":
