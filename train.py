@@ -273,8 +273,9 @@ def main(argv):
         evals["warm start"] = begin_grpo(run, model, state)
     else:  # resumed in stage 2: the warm start was evaluated before the run stopped
         evals["warm start"] = previous_eval(cfg.out_dir, step=0)
-    train_grpo(run, model, state)
-    evals["GRPO"] = evaluate_and_log(run, model, step=cfg.grpo_steps)
+    if cfg.grpo_steps:  # with --grpo_steps=0 the run is the warm start, and its evaluation is the last one
+        train_grpo(run, model, state)
+        evals["GRPO"] = evaluate_and_log(run, model, step=cfg.grpo_steps)
     if run.rank == 0:
         final_table(run, evals)
     if dist.is_initialized():

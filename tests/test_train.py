@@ -103,6 +103,17 @@ def test_end_to_end_run_writes_metrics_eval_samples_and_config(tmp_path):
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
+def test_a_run_without_grpo_evaluates_its_warm_start_once(tmp_path):
+    out = tmp_path / "run"
+    flags = [f for f in TINY if not f.startswith("--grpo_steps=")]
+    result = run_train(flags + ["--grpo_steps=0", "--reference_players=false", f"--out_dir={out}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["stage"] == "eval"] == [0]  # not a second, identical "GRPO" one
+    assert not any(r["stage"] == "grpo" for r in records)
+    assert set(json.loads((out / "eval.json").read_text())) == {"warm start"}
+
+
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_train(TINY + [f"--out_dir={whole}"]).returncode == 0
