@@ -8,8 +8,8 @@ Completions from a trained policy, in nanoGPT's spirit:
 
 Options: --n (held-out examples or games, 8), --num_samples (completions per prompt, 1), --temperature (0 is
 greedy, the default, as evaluations play), --max_new_tokens (the run's), --seed (1337), --stage (grpo: the run's
-latest checkpoint; warm_start: the model before GRPO, to compare). For Wordle the held-out examples are whole
-games, printed turn by turn with the feedback:
+latest checkpoint; warm_start: the model before GRPO, to compare, from a run folder only). For Wordle the
+held-out examples are whole games, printed turn by turn with the feedback:
 
     python sample.py runs/wordle --n=4 --stage=warm_start && python sample.py runs/wordle --n=4
 """
@@ -38,6 +38,9 @@ def load(path, stage="grpo"):
         return model, enc, importlib.import_module(f"data.{cfg.task}"), cfg.max_new_tokens
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"error: {path} is neither a run folder (ckpt.pt) nor a GPT-2 directory (config.json)")
+    if stage != "grpo":  # an export holds one model: the warm start stays in the run folder it came from
+        raise SystemExit(f"error: --stage={stage} needs a run folder (its warm_start.pt); {path} is an exported "
+                         f"model, which holds only the final one")
     model = GPT.from_pretrained(path).eval()
     with open(os.path.join(path, "config.json")) as f:
         ours = json.load(f).get("nanogrpo", {})

@@ -117,6 +117,8 @@ def test_sample_prints_held_out_examples_with_rewards_and_given_prompts(exported
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
     with pytest.raises(SystemExit, match="--stage='sft' is not grpo or warm_start"):
         sample.main([run_dir, "--stage=sft"])
+    with pytest.raises(SystemExit, match="--stage=warm_start needs a run folder"):  # not the export's model
+        sample.main([str(hf_dir), "--stage=warm_start"])
 
 
 def test_sample_shows_wordle_games_turn_by_turn(capsys):
