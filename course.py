@@ -114,7 +114,8 @@ def lesson7():
     for G, factor in f["std_inflation"].items():
         print(f"      group of {G:>2}: population-std advantages are {factor:.3f}x larger")
     print("    A constant factor sqrt(G / (G - 1)) per group size: it acts as a larger step and a smaller KL")
-    print("    weight, most for small groups. The least harmful of the three, but not the formula (grpo.py's docstring).")
+    print("    weight, most for small groups. The least harmful of the three, but not the formula (grpo.py's "
+          "docstring).")
 
 
 def lesson8():
