@@ -13,12 +13,12 @@ Sections:
   train     forward+backward tokens/s on 32 x 128 tokens, and its FLOP/s as a share of `peak` (MFU); the same
             for GPT2LMHeadModel when transformers is installed.
   logprobs  peak memory and time of token log-probs (forward+backward) at GPT-2's vocab of 50257, 16 x 256
-            tokens: chunked (model.logprobs_from_hidden) vs the naive log_softmax + gather.
+            tokens: chunked (model.ChunkedLogprob) vs the naive log_softmax + gather.
   grpo      seconds per whole grpo.grpo_step, 8 prompts x 8 samples x exactly 64 new tokens, beta 0 and 0.04,
             split into sampling and learning; and the learning pass's forward+backward with each group's shared
             prompt run once (learn_pass_group8) or once per row (learn_pass_group1).
   trl       the same step with TRL's GRPOTrainer beside it, when trl is installed (a dev-only extra).
-  load      GPT.from_pretrained of a GPT-2-small-sized model.safetensors (498 MB, float32): seconds, and peak
+  load      hf.load_gpt2 of a GPT-2-small-sized model.safetensors (498 MB, float32): seconds, and peak
             memory growth in a fresh process as a multiple of the file (the model itself is 1.0x).
 
 Throughput on shared CPUs wanders by tens of percent between runs: compare figures from the same run only.
@@ -35,7 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, logprobs_from_hidden, sample, token_logprobs
+from model import GPT, ChunkedLogprob, GPTConfig, sample
+from tests.reference import sample_without_cache  # the no-cache sampler the cache is checked against
 
 REFERENCE = GPTConfig(block_size=256, vocab_size=512, n_layer=6, n_head=6, n_embd=384)
 GPT2_SMALL = GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)  # --model=gpt2
@@ -126,7 +127,7 @@ def bench_sample(model, device, repeats, quick):
     secs = timed(lambda: sample(model, prompts8, group_size=8, max_new_tokens=64, generator=g), device, repeats)
     out["sample_8x8_cache_tok_s"] = 64 * 64 / secs
     new = 16 if quick else 64  # the no-cache path reruns the whole sequence every step: slow by design
-    secs = timed(lambda: sample(model, prompts8, group_size=8, max_new_tokens=new, generator=g, use_cache=False),
+    secs = timed(lambda: sample_without_cache(model, prompts8, group_size=8, max_new_tokens=new, generator=g),
                  device, 1)
     out["sample_8x8_nocache_tok_s"] = 64 * new / secs
     secs = timed(lambda: sample(model, prompts64, max_new_tokens=64, generator=g), device, repeats)
@@ -196,7 +197,7 @@ def logprob_case(case, device):
         logp.sum().backward()
 
     def chunked():
-        logprobs_from_hidden(h, weight, target)[0].sum().backward()
+        ChunkedLogprob.apply(h, weight, target, 1.0, 512, False)[0].sum().backward()
 
     return {"naive": naive, "chunked": chunked}[case]
 
@@ -211,14 +212,14 @@ def bench_logprobs(device, repeats):
 
 
 def bench_load():
-    """Peak memory and time of loading a GPT-2-small-sized directory (written by export.py's writer)."""
+    """Peak memory and time of loading a GPT-2-small-sized directory (written by hf.export)."""
     import os
     import tempfile
 
-    import export
+    import hf
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        export.export(GPT(GPT2_SMALL), None, tmp, "none", gpt2_dir=None, tokenizer=False)
+        hf.export(GPT(GPT2_SMALL), None, tmp, "none", gpt2_dir=None, tokenizer=False)
         size = os.path.getsize(os.path.join(tmp, "model.safetensors"))
         out = subprocess.run([sys.executable, __file__, f"--load-worker={tmp}"], capture_output=True, text=True,
                              check=True).stdout.split()
@@ -229,8 +230,9 @@ def load_worker(path):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status("VmRSS")
+    import hf
     t0 = time.perf_counter()
-    GPT.from_pretrained(path)
+    hf.load_gpt2(path)
     print((status("VmHWM") - before) * 1024, time.perf_counter() - t0)
 
 
@@ -269,7 +271,7 @@ def bench_grpo(model, device, repeats):
     rollout = sample(model, prompts, group_size=8, max_new_tokens=64, generator=g)
 
     def learn(group_size):
-        token_logprobs(model, rollout.tokens, rollout.prompt_len, group_size=group_size)[0].sum().backward()
+        model.logprobs(rollout.tokens, rollout.prompt_len, group_size=group_size)[0].sum().backward()
 
     for group_size in (8, 1):
         out[f"learn_pass_group{group_size}_s"] = timed(functools.partial(learn, group_size), device, repeats)

@@ -1,5 +1,5 @@
 """
-Checkpoints: atomic, verified, complete enough that a resumed run equals an uninterrupted one.
+Checkpoints and run folders: atomic, verified, complete enough that a resumed run equals an uninterrupted one.
 
 A checkpoint holds the model's state dict (uncompiled names), the optimizer, the stage and step, the run's config
 and model config as plain data, every process's random streams, and a SHA-256 of all of that, checked whenever it
@@ -14,7 +14,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from model import load_state_dict_checked
+from config import TrainConfig
+from data import load_task, run_tokenizer
+from model import GPT, GPTConfig
 
 
 def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
@@ -136,3 +138,85 @@ def truncate_logs(out_dir, stage, step):
                 records = [json.loads(line) for line in f if line.strip()]
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records if keep(r))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "ckpt.prev.pt", "warm_start.pt")
+
+
+def prepare_out_dir(cfg, rank):
+    """Refuse to mix two runs in one folder: an existing run needs --resume (same run) or --overwrite.
+    Rank 0 alone checks and writes; the others wait at a barrier (checking too would race with its writes)."""
+    if rank != 0:
+        return
+    # A folder whose start-up failed before its first checkpoint holds nothing to keep: it is simply re-run.
+    has_run = any(os.path.exists(os.path.join(cfg.out_dir, name)) for name in ("ckpt.pt", "ckpt.prev.pt"))
+    if has_run and not (cfg.resume or cfg.overwrite):
+        raise SystemExit(f"error: {cfg.out_dir} already holds a run; pass --resume to continue it or "
+                         f"--overwrite to replace it (or choose another --out_dir)")
+    if cfg.resume and not has_run:
+        raise SystemExit(f"error: --resume but {cfg.out_dir} has no checkpoint (the run stopped before its first "
+                         f"one): run the same command without --resume to start it again")
+    if cfg.resume:
+        return  # config.json is the run's, and stays as it is
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(cfg.out_dir, name)):
+            os.remove(os.path.join(cfg.out_dir, name))
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+
+def warm_start_path(cfg):
+    return os.path.join(cfg.out_dir, "warm_start.pt")
+
+
+def load_run(run_dir, warm_start=False):
+    """(model, tokenizer, config) of a run folder: its config.json and its latest good checkpoint (or, with
+    warm_start, the model as stage 1 left it), on the CPU, in eval mode. For export.py and sample.py."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
+    with open(path) as f:
+        saved = json.load(f)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or set(saved) - known:
+        raise SystemExit(f"error: {path} is not a config of this train.py")
+    cfg = TrainConfig(**saved)
+    try:
+        ckpt = read_checkpoint(warm_start_path(cfg)) if warm_start else latest_checkpoint(run_dir)[0]
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    model = GPT(config_from_dict(ckpt["model_config"]))
+    load_state_dict_checked(model, ckpt["model"], source=run_dir)
+    return model.eval(), run_tokenizer(load_task(cfg.task), cfg.init_from), cfg
+
+
+def load_state_dict_checked(model, state, source="checkpoint"):
+    """load_state_dict that names every missing, unexpected or wrongly shaped tensor."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+             for k in ours if k in state and state[k] is not None and state[k].shape != ours[k].shape]
+    problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + wrong)
+    if problems:
+        hint = ""
+        if any(".lora_" in k for k in missing):
+            hint += "\n  (the model has LoRA adapters the checkpoint lacks)"
+        if any(".lora_" in k for k in unexpected):
+            hint += "\n  (the checkpoint has LoRA adapters the model lacks: build it with the same lora_rank)"
+        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]) + hint)
+    model.load_state_dict(state)
+
+
+def config_from_dict(d):
+    """GPTConfig from plain data (our checkpoints store it so), rejecting unknown keys."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; known: {sorted(known)}")
+    return GPTConfig(**d)

@@ -17,7 +17,7 @@ import torch
 import grpo
 import rewards as R
 from data import summary, wordle
-from model import GPT, GPTConfig, sample, token_logprobs
+from model import GPT, GPTConfig, sample
 
 
 def lesson3():
@@ -48,8 +48,8 @@ def lesson4():
     group = ["moist", "exist", "noise", "point", "voice", "mosit", "zzzzz", "the answer is moist"]
     completions = [wordle.completion(g) if len(g) == 5 else g for g in group]
     fns, weights = wordle.reward_functions()
-    _, table = grpo.score(completions, [example] * len(group), fns, [1.0] * len(fns))  # every reward, to show
-    total = table.double() @ torch.tensor(weights, dtype=torch.float64)
+    table = torch.tensor(R.score(completions, [example] * len(group), fns), dtype=torch.float64)  # every reward
+    total = table @ torch.tensor(weights, dtype=torch.float64)
     advantages = grpo.group_advantages(total.float(), len(group))
     print(f"State: {history}; the answer is 'moist'. One group of {len(group)} completions for this prompt.\n")
     names = [f.__name__.removeprefix("wordle_") for f in fns]
@@ -156,14 +156,14 @@ def loss_mistakes(seed=0):
 
     def gradient(old_logp):
         policy.zero_grad()
-        logp, _ = token_logprobs(policy, s.tokens, s.prompt_len, valid=s.valid)
+        logp, _ = policy.logprobs(s.tokens, s.prompt_len, valid=s.valid)
         loss, stats = grpo.grpo_loss(logp, old_logp, advantages, mask)
         loss.backward()
         return torch.cat([p.grad.flatten() for p in policy.parameters()]), stats
 
     with torch.no_grad():
-        logp_old, _ = token_logprobs(policy, s.tokens, s.prompt_len, valid=s.valid)
-        logp_ref, _ = token_logprobs(reference, s.tokens, s.prompt_len, valid=s.valid)
+        logp_old, _ = policy.logprobs(s.tokens, s.prompt_len, valid=s.valid)
+        logp_ref, _ = reference.logprobs(s.tokens, s.prompt_len, valid=s.valid)
     right, stats_old = gradient(logp_old)
     wrong, stats_ref = gradient(logp_ref)
 

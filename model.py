@@ -3,22 +3,21 @@ A GPT-2 in one file, plus the two things GRPO spends its time on:
 
 1. `sample`: a group of completions per prompt, with a KV cache. Each prompt is prefilled once, its cache is
    copied to `group_size` rows, and every row then draws its own tokens (its first token included).
-2. `token_logprobs`: log pi(token) of given completion tokens, computed in chunks of rows with a backward pass
-   that recomputes the logits, so the (B, T, V) float32 log-softmax never exists at once.
+2. `GPT.logprobs`: log pi(token) of given completion tokens, computed in chunks of rows with a backward pass
+   that recomputes the logits, so the (B, T, V) float32 log-softmax never exists at once. The model's own
+   forward returns them (`model(tokens, logprobs_from=start)`), so DistributedDataParallel, which wraps forward,
+   averages their gradients.
 
 Parameter names follow GPT-2 (`transformer.wte/wpe/h/ln_f`, `attn.c_attn/c_proj`, `mlp.c_fc/c_proj`,
-`lm_head`) so a Hugging Face GPT-2 state dict maps one to one: `GPT.from_pretrained(path)`.
+`lm_head`), so a Hugging Face GPT-2 state dict maps one to one (hf.py reads and writes those files).
 
 Prompts of different lengths are left-padded. `valid` (B, T) marks the real tokens: padding is hidden from
 attention and does not advance the position ids, so a padded row computes exactly what it would alone.
 """
 
-import json
 import math
-import os
-import struct
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -39,7 +38,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask, cache, layer):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys so far: (B, nh, past + T, hs)
         if T == 1 and cache is not None:
@@ -133,7 +133,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than the context of {self.config.block_size}")
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context of "
+                             f"{self.config.block_size}")
         query_pos = torch.arange(past, past + T, device=idx.device)[:, None]
         key_pos = torch.arange(past + T, device=idx.device)[None, :]
         if valid is None:
@@ -146,7 +147,8 @@ class GPT(nn.Module):
             # Left padding must not shift positions: a row's first real token is position 0.
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)[:, past:]
             # A pad query also sees itself, so no row of the mask is empty (an empty row makes NaN).
-            attn_mask = ((key_pos <= query_pos) & valid[:, None, None, :]) | (key_pos == query_pos)  # (B,1,T,past+T)
+            seen = (key_pos <= query_pos) & valid[:, None, None, :]  # (B, 1, T, past + T)
+            attn_mask = seen | (key_pos == query_pos)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, cache, layer)
@@ -154,8 +156,15 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, *, valid=None, cache=None):
-        """Returns (logits (B, T, V), loss). loss is the mean cross-entropy over targets != -1, else None."""
+    def forward(self, idx, targets=None, *, valid=None, cache=None, logprobs_from=None, temperature=1.0,
+                group_size=1, with_entropy=False, chunk_size=512):
+        """(logits (B, T, V), loss): loss is the mean cross-entropy over targets != -1, else None.
+
+        With logprobs_from=s it returns self.logprobs(idx, s, ...) instead: the per-token log-probs that training
+        differentiates, so that a DistributedDataParallel wrapper (it hooks forward) averages their gradients."""
+        if logprobs_from is not None:
+            return self.logprobs(idx, logprobs_from, valid=valid, temperature=temperature, group_size=group_size,
+                                 with_entropy=with_entropy, chunk_size=chunk_size)
         logits = self.lm_head(self.hidden_states(idx, valid, cache))
         loss = None
         if targets is not None:
@@ -163,10 +172,27 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    @classmethod
-    def from_pretrained(cls, path):
-        """A GPT-2 from a local Hugging Face directory: config.json and model.safetensors or pytorch_model.bin."""
-        return load_hf_gpt2(cls, path)
+    def logprobs(self, tokens, start, *, valid=None, temperature=1.0, group_size=1, with_entropy=False,
+                 chunk_size=512):
+        """(log pi(tokens[:, t] | tokens[:, :t]) for every t >= start, and the entropy of each of those
+        distributions when with_entropy, else None), each (B, T - start) float32.
+
+        The logit at position t-1 scores token t (the shift by one). Logits are divided by the sampling
+        temperature, so these are the log-probs of the distribution the tokens were actually drawn from.
+        group_size > 1: rows come in groups that share their first `start` tokens (a GRPO rollout), and each
+        prompt runs once per group."""
+        if temperature <= 0:
+            temperature = 1.0  # greedy decoding has no temperature; score under the model itself
+        B, T = tokens.shape
+        if group_size > 1 and T - start > 1:
+            h = grouped_hidden_states(self, tokens, start, valid, group_size)
+        else:
+            h = self.hidden_states(tokens, valid)[:, start - 1:-1]  # (B, T - start, C): positions that predict
+        target = tokens[:, start:]
+        # = (lm_head(h) / temperature).log_softmax(-1).gather(-1, target), in chunks of rows (speed section)
+        logp, entropy = ChunkedLogprob.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, target.reshape(-1),
+                                             temperature, chunk_size, with_entropy)
+        return logp.view(B, T - start), entropy.view(B, T - start) if with_entropy else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +202,7 @@ class GPT(nn.Module):
 class KVCache:
     """Keys and values of every layer; `length` positions are filled. With max_len they are preallocated and
     written in place (sampling, under no_grad). Without, each update concatenates: slower, but autograd can
-    differentiate through it, which lets a training pass run a group's shared prompt once (token_logprobs)."""
+    differentiate through it, which lets a training pass run a group's shared prompt once (GPT.logprobs)."""
 
     def __init__(self, n_layer, max_len=None):
         self.max_len, self.length = max_len, 0
@@ -219,6 +245,27 @@ class Samples:
         return [[t for t, m in zip(row, mask) if m and t != stop_token]
                 for row, mask in zip(self.completion.tolist(), self.completion_mask.tolist())]
 
+    def select(self, rows):
+        """The rows selected by a bool mask (N,)."""
+        return Samples(self.tokens[rows], self.valid[rows], self.prompt_len, self.completion_mask[rows],
+                       self.truncated[rows])
+
+    @staticmethod
+    def cat(parts):
+        """One Samples from several (rounds of dynamic sampling): prompts padded on the left to the widest,
+        completions on the right to the longest."""
+        width = max(s.prompt_len for s in parts)
+        length = max(s.completion.size(1) for s in parts)
+        tokens, valid, masks = [], [], []
+        for s in parts:
+            left, right = width - s.prompt_len, length - s.completion.size(1)
+            tokens.append(F.pad(s.tokens, (left, right), value=0))
+            valid.append(F.pad(s.valid, (left, right), value=False) |
+                         (torch.arange(tokens[-1].size(1), device=s.tokens.device) >= width))
+            masks.append(F.pad(s.completion_mask, (0, right), value=0.0))
+        return Samples(torch.cat(tokens), torch.cat(valid), width, torch.cat(masks),
+                       torch.cat([s.truncated for s in parts]))
+
 
 def pad_left(prompts, pad_token, device):
     """Token lists -> (P, T) left-padded tokens and (P, T) bool valid mask."""
@@ -247,36 +294,38 @@ def pick_next(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-@torch.no_grad()
-def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top_k=None, top_p=None,
-           stop_token=None, pad_token=0, generator=None, use_cache=True):
-    """Sample `group_size` completions for each prompt (a list of token lists). Returns Samples whose rows
-    are grouped by prompt: rows i*group_size .. (i+1)*group_size-1 answer prompt i.
-
-    With the same generator the KV-cache path and the no-cache path (`use_cache=False`, which reruns the whole
-    sequence every step) draw exactly the same tokens: the cache is an optimization, never a different sampler."""
-    V = model.config.vocab_size
+def check_sampling(model, prompts, max_new_tokens, group_size, stop_token):
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if stop_token is not None and not 0 <= stop_token < V:
-        raise ValueError(f"stop_token {stop_token} is outside the vocabulary of {V}")
+    if stop_token is not None and not 0 <= stop_token < model.config.vocab_size:
+        raise ValueError(f"stop_token {stop_token} is outside the vocabulary of {model.config.vocab_size}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.config.block_size:
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is longer than the "
                          f"context of {model.config.block_size}")
+
+
+@torch.no_grad()
+def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top_k=None, top_p=None,
+           stop_token=None, pad_token=0, generator=None):
+    """Sample `group_size` completions for each prompt (a list of token lists). Returns Samples whose rows
+    are grouped by prompt: rows i*group_size .. (i+1)*group_size-1 answer prompt i.
+
+    The KV cache is an optimization, never a different sampler: tests/reference.py reruns the whole sequence at
+    every step and draws exactly the same tokens with the same generator."""
+    check_sampling(model, prompts, max_new_tokens, group_size, stop_token)
     device = model.transformer.wte.weight.device
     tokens, valid = pad_left(prompts, pad_token, device)  # (P, Tp)
     prompt_len = tokens.size(1)
     if valid.all():
         valid = None  # no padding: take the plain causal attention kernel
 
-    if use_cache:
-        cache = KVCache(model.config.n_layer, prompt_len + max_new_tokens)
-        logits = model(tokens, valid=valid, cache=cache)[0][:, -1]  # (P, V): each prompt once
-        cache.repeat_rows(group_size)
-        logits = logits.repeat_interleave(group_size, 0)  # (N, V); each row still draws its own token
+    cache = KVCache(model.config.n_layer, prompt_len + max_new_tokens)
+    logits = model(tokens, valid=valid, cache=cache)[0][:, -1]  # (P, V): each prompt once
+    cache.repeat_rows(group_size)
+    logits = logits.repeat_interleave(group_size, 0)  # (N, V); each row still draws its own token
     tokens = tokens.repeat_interleave(group_size, 0)  # (N, Tp)
     if valid is not None:
         valid = valid.repeat_interleave(group_size, 0)
@@ -284,8 +333,6 @@ def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top
     done = torch.zeros(N, dtype=torch.bool, device=device)
     new_mask = []
     for step in range(max_new_tokens):
-        if not use_cache:
-            logits = model(tokens, valid=valid)[0][:, -1]
         next_token = pick_next(logits, temperature, top_k, top_p, generator)
         new_mask.append(~done)
         next_token = next_token.masked_fill(done, pad_token)  # after its stop token a row only pads
@@ -296,8 +343,7 @@ def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top
             valid = torch.cat([valid, valid.new_ones(N, 1)], 1)
         if step == max_new_tokens - 1 or (stop_token is not None and bool(done.all())):
             break
-        if use_cache:
-            logits = model(next_token[:, None], valid=valid, cache=cache)[0][:, -1]
+        logits = model(next_token[:, None], valid=valid, cache=cache)[0][:, -1]
     if valid is None:
         valid = torch.ones_like(tokens, dtype=torch.bool)
     completion_mask = torch.stack(new_mask, 1).float()
@@ -305,44 +351,13 @@ def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Token log-probabilities: log_softmax(logits / temperature)[token], shifted by one
+# Speed (skippable): GPT.logprobs without a (B, T, V) float32 tensor, and a group's shared prompt run once. Both
+# are tested against the plain computation (tests/reference.py), values and gradients.
 
 
-def token_logprobs(model, tokens, start, *, valid=None, temperature=1.0, chunk_size=512, with_entropy=False,
-                   group_size=1):
-    """(log pi(tokens[:, t] | tokens[:, :t]) for every t >= start, and the entropy of each of those
-    distributions when with_entropy, else None), each (B, T - start) float32.
-
-    The logit at position t-1 scores token t (the shift by one). Logits are divided by the sampling temperature,
-    so these are the log-probs of the distribution the tokens were actually drawn from. group_size > 1: rows come
-    in groups that share their first `start` tokens (a GRPO rollout), and each prompt runs once per group."""
-    if temperature <= 0:
-        temperature = 1.0  # greedy decoding has no temperature; score under the model itself
-    B, T = tokens.shape
-    if group_size > 1 and T - start > 1:
-        h = grouped_hidden_states(model, tokens, start, valid, group_size)
-    else:
-        h = model.hidden_states(tokens, valid)[:, start - 1:-1]  # (B, T - start, C): positions that predict
-    target = tokens[:, start:]
-    # = (model.lm_head(h) / temperature).log_softmax(-1).gather(-1, target), in chunks of rows (speed section)
-    logp, entropy = logprobs_from_hidden(h.reshape(-1, h.size(-1)), model.lm_head.weight, target.reshape(-1),
-                                         temperature, chunk_size, with_entropy)
-    return logp.view(B, T - start), entropy.view(B, T - start) if with_entropy else None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Speed (skippable): the same log-probs without a (B, T, V) float32 tensor, and a group's shared prompt
-# run once. Both are tested against the plain computation, values and gradients.
-
-
-def logprobs_from_hidden(h, weight, target, temperature=1.0, chunk_size=512, with_entropy=False):
-    """(logp, entropy or None) of targets (N,) under logits h (N, C) @ weight (V, C).T / temperature, chunked."""
-    logp, entropy = _ChunkedTokenLogprob.apply(h, weight, target, temperature, chunk_size, with_entropy)
-    return logp, entropy if with_entropy else None
-
-
-class _ChunkedTokenLogprob(torch.autograd.Function):
+class ChunkedLogprob(torch.autograd.Function):
     """logp[n] = (h[n] @ W.T / temperature)[target[n]] - logsumexp(h[n] @ W.T / temperature), over row chunks.
+    apply(h (N, C), weight (V, C), target (N,), temperature, chunk, with_entropy) -> (logp (N,), entropy).
 
     The backward recomputes each chunk's logits instead of saving them: memory is O(chunk * V), not O(N * V).
     d logp / d logits = (onehot(target) - softmax(logits)) / temperature. Entropy rides along when asked
@@ -354,7 +369,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     gradient was wrong by 100%.) float64 inputs stay float64."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, temperature, chunk, with_entropy):  # h (N, C), weight (V, C), target (N,)
+    def forward(ctx, h, weight, target, temperature, chunk, with_entropy):
         acc = torch.promote_types(h.dtype, torch.float32)
         w = weight.to(acc)
         logp = torch.empty(h.size(0), device=h.device, dtype=acc)
@@ -495,229 +510,3 @@ def merge_lora(model):
         layer.lora_A = layer.lora_B = None
     model.config.lora_rank = 0
     return model.requires_grad_(True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading GPT-2 from a local Hugging Face directory (no network, no transformers)
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
-
-
-def read_safetensors_header(path):
-    """A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data the offsets
-    index. Every field is checked before a byte of data is read: offsets within the data, each tensor's bytes
-    exactly its shape times its dtype's size, the tensors tiling the data with no overlap and no gap.
-    Returns ({name: (dtype, shape, begin, end)}, where the data starts)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: {size} bytes, too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"{path}: header length {n} runs past the end of the file ({size} bytes) or the "
-                             f"format's limit of {MAX_HEADER_BYTES}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: the header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
-    data_len, tensors = size - 8 - n, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ValueError(f"{where}: expected the fields dtype, shape, data_offsets, got {info!r}")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{where}: dtype {dtype!r} is not one of {', '.join(SAFETENSORS_DTYPES)}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_len:
-            raise ValueError(f"{where}: data_offsets [{begin}, {end}] are not within the {data_len} data bytes "
-                             f"with begin <= end")
-        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-        if end - begin != nbytes:
-            raise ValueError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, data_offsets hold "
-                             f"{end - begin}")
-        tensors[name] = (SAFETENSORS_DTYPES[dtype], tuple(shape), begin, end)
-    at = 0
-    for name, (_, _, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2:]):
-        if begin != at:
-            raise ValueError(f"{path}: tensor {name!r} starts at byte {begin}, but the previous one ends at {at} "
-                             f"({'an overlap' if begin < at else 'a gap'})")
-        at = end
-    if at != data_len:
-        raise ValueError(f"{path}: the tensors cover {at} of the {data_len} data bytes")
-    return tensors, 8 + n
-
-
-def read_safetensors_tensor(path, header, data_start, name, out=None):
-    """One tensor of a checked header, read straight from the file into `out` (or a new tensor): memory for
-    that tensor only, never a copy of the file."""
-    dtype, shape, begin, end = header[name]
-    out = torch.empty(shape, dtype=dtype) if out is None else out
-    if end > begin:
-        with open(path, "rb") as f:
-            f.seek(data_start + begin)
-            if f.readinto(out.view(-1).view(torch.uint8).numpy()) != end - begin:
-                raise ValueError(f"{path}: tensor {name!r} is cut short")
-    return out
-
-
-def read_safetensors(path):
-    """Every tensor of a safetensors file, checked, by name."""
-    header, data_start = read_safetensors_header(path)
-    return {name: read_safetensors_tensor(path, header, data_start, name) for name in header}
-
-
-# GPT-2 config fields that change the math; each is honoured as GPT-2 has it, or refused (never ignored).
-GPT2_DEFAULTS = {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
-                 "scale_attn_by_inverse_layer_idx": False, "activation_function": "gelu_new", "n_inner": None}
-
-
-def gpt2_config(path):
-    """GPTConfig from a Hugging Face GPT-2 config.json, every field checked."""
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face GPT-2 directory)")
-    if os.path.getsize(config_file) > 1_000_000:
-        raise ValueError(f"{config_file}: {os.path.getsize(config_file)} bytes, too large for a config")
-    with open(config_file) as f:
-        try:
-            hf = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{config_file}: not JSON ({e})") from None
-    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
-        found = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
-        raise ValueError(f"{config_file}: model_type is {found!r}, only 'gpt2' can be loaded")
-    sizes = {}
-    for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
-        value = hf.get(key)
-        if type(value) is not int or not 1 <= value <= 1_000_000:
-            raise ValueError(f"{config_file}: {key} is {value!r}, expected an integer from 1 to 1,000,000")
-        sizes[key] = value
-    for key, gpt2 in GPT2_DEFAULTS.items():
-        value = hf.get(key, gpt2)
-        if key == "n_inner" and value == 4 * sizes["n_embd"]:  # written out, it is GPT-2's default
-            value = None
-        if key == "layer_norm_epsilon" and isinstance(value, (int, float)) and math.isclose(value, gpt2):
-            value = gpt2
-        if value != gpt2:
-            raise ValueError(f"{config_file}: {key} is {value!r}; this GPT computes GPT-2's {gpt2!r} only")
-    return GPTConfig(block_size=sizes["n_positions"], vocab_size=sizes["vocab_size"], n_layer=sizes["n_layer"],
-                     n_head=sizes["n_head"], n_embd=sizes["n_embd"], bias=True)
-
-
-# Hugging Face's GPT-2 uses Conv1D, whose weight is (in, out): ours are its transpose.
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_key(key):
-    """Our parameter name for a Hugging Face GPT-2 key (hub files name keys with or without "transformer."),
-    or None for the attention-mask buffers old files carry ("attn.bias", "attn.masked_bias")."""
-    if key.endswith((".attn.bias", ".attn.masked_bias")) or key in ("attn.bias", "attn.masked_bias"):
-        return None
-    return key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
-
-
-def load_hf_gpt2(cls, path):
-    """The config and every tensor's name, dtype and shape are checked against the model they describe before
-    the model is built; then the tensors are read one at a time into it (memory: the model, plus one tensor)."""
-    config = gpt2_config(path)
-    with torch.device("meta"):  # the parameter shapes, without allocating anything
-        model = cls(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    st_file, bin_file = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(st_file):
-        source = st_file
-        header, data_start = read_safetensors_header(st_file)
-        found = {key: (dtype, shape) for key, (dtype, shape, _, _) in header.items()}
-
-        def fetch(key, out=None):
-            return read_safetensors_tensor(st_file, header, data_start, key, out)
-    elif os.path.isfile(bin_file):
-        source = bin_file
-        try:  # mmap: tensors stay on disk until read
-            state = torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise ValueError(f"{bin_file} is not a readable weights file ({type(e).__name__})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{bin_file} does not hold a dict of tensors")
-        found = {key: (v.dtype, tuple(v.shape)) for key, v in state.items()}
-
-        def fetch(key, out=None):
-            return state[key] if out is None else out.copy_(state[key])
-    else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin is there")
-    names = {hf_key(key): key for key in found if hf_key(key) is not None}  # ours -> theirs
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(names) - {"lm_head.weight"})]
-    problems += [f"unexpected {k}" for k in sorted(set(names) - set(expected))]
-    for ours, theirs in names.items():
-        if ours not in expected:
-            continue
-        dtype, shape = found[theirs]
-        want = expected[ours][::-1] if ours.endswith(CONV1D) else expected[ours]
-        if shape != want:
-            problems.append(f"{ours}: checkpoint {shape} vs model {want}")
-        if not dtype.is_floating_point:
-            problems.append(f"{ours}: checkpoint holds {dtype} data, the model's weights are floating point")
-    if problems:
-        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]))
-    # Storage for the parameters, uninitialized (no random init: every one is read from the file), tied again
-    # (to_empty gives the two names of the tied matrix two tensors).
-    model = model.to_empty(device="cpu")
-    model.lm_head.weight = model.transformer.wte.weight
-    params = model.state_dict()
-    with torch.no_grad():
-        for ours, theirs in names.items():
-            if ours == "lm_head.weight":
-                continue  # tied to wte: checked below
-            if ours.endswith(CONV1D) or found[theirs][0] != params[ours].dtype:
-                value = fetch(theirs)
-                params[ours].copy_(value.t() if ours.endswith(CONV1D) else value)
-            else:  # straight from the file into the parameter: no copy
-                fetch(theirs, out=params[ours])
-        if "lm_head.weight" in names:  # a file may store the tied matrix twice: it must be the same one
-            lm_head = fetch(names["lm_head.weight"]).to(params["lm_head.weight"].dtype)
-            if not torch.equal(lm_head, params["transformer.wte.weight"]):
-                raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight, but GPT-2 ties "
-                                 f"them (an untied output layer is not supported)")
-    return model
-
-
-def load_state_dict_checked(model, state, source="checkpoint"):
-    """load_state_dict that names every missing, unexpected or wrongly shaped tensor."""
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
-             for k in ours if k in state and state[k] is not None and state[k].shape != ours[k].shape]
-    problems = ([f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + wrong)
-    if problems:
-        hint = ""
-        if any(".lora_" in k for k in missing):
-            hint += "\n  (the model has LoRA adapters the checkpoint lacks)"
-        if any(".lora_" in k for k in unexpected):
-            hint += "\n  (the checkpoint has LoRA adapters the model lacks: build it with the same lora_rank)"
-        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]) + hint)
-    model.load_state_dict(state)
-
-
-def config_from_dict(d):
-    """GPTConfig from plain data (our checkpoints store it so), rejecting unknown keys."""
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; known: {sorted(known)}")
-    return GPTConfig(**d)

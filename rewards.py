@@ -5,13 +5,14 @@ Reward functions: pure, `reward(completion, example) -> float`, never raising, a
 dict with the answer, the game so far and the word lists). Each function's docstring has worked examples; the
 same cases are a parametrized table in tests/test_rewards.py.
 
-Sections: generic helpers (length penalty, weighted combination), Wordle (the course's running example:
+Sections: generic helpers (length penalty, weighted combination, `score`: every function on a batch, checked), Wordle (the course's running example:
 format, use of feedback, information gain, win, partial credit), addition (the toy task for fast tests),
 Countdown (a safe arithmetic parser: model output is parsed, never eval'd), and the quiz reward for summaries.
 No torch and no model here: the LLM-as-judge reward, which runs a model, lives with the task that uses it
 (data/summary.py).
 """
 
+import math
 import operator
 import re
 from collections import Counter
@@ -48,6 +49,51 @@ def combine(weighted, name="combined"):
     return reward
 
 
+def score(completions, examples, reward_fns, weights=None):
+    """Every reward function on every completion, checked: a list of one row per completion, one float per
+    function (0.0 for a function weighted 0, which is not even run). A function with `fn.batched = True` takes
+    (completions, examples) and returns a list or tuple of one value per completion. A reward function that
+    raises, or returns anything but a real number that is finite in float32, stops the run with its name and
+    the completion: a silently wrong reward trains a silently wrong model.
+        score(["ab"], [None], [lambda c, ex: len(c), lambda c, ex: 1]) == [[2.0, 1.0]]"""
+    weights = [1.0] * len(reward_fns) if weights is None else list(weights)
+    if len(weights) != len(reward_fns):
+        raise ValueError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")
+    table = [[0.0] * len(reward_fns) for _ in completions]
+    for j, fn in enumerate(reward_fns):
+        if weights[j] == 0:
+            continue
+        name = getattr(fn, "__name__", repr(fn))
+        if getattr(fn, "batched", False):  # e.g. an LLM judge: one call grades the whole batch
+            values = call_reward(name, fn, completions, examples)
+            if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+                got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(type(values))
+                raise ValueError(f"batched reward function {name} returned {got} for {len(completions)} "
+                                 f"completions (a list or tuple of one number each is required)")
+        else:
+            values = [call_reward(name, fn, c, ex) for c, ex in zip(completions, examples)]
+        for i, (completion, value) in enumerate(zip(completions, values)):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and abs(value) <= FLOAT32_MAX):
+                raise ValueError(f"reward function {name} returned {value!r} (a number finite in float32 is "
+                                 f"required) on completion {completion!r}")
+            table[i][j] = float(value)
+    return table
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def call_reward(name, fn, completion, example):
+    """fn(completion, example); an exception becomes one that names the function and what it was given."""
+    try:
+        return fn(completion, example)
+    except Exception as e:
+        given = (f"a batch of {len(completion)} completions" if getattr(fn, "batched", False)
+                 else f"completion {completion!r}")
+        raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e} on {given}") from e
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Wordle: the rules
 
@@ -66,15 +112,16 @@ def parse_guess(completion):
 def wordle_feedback(guess, answer):
     """Official rules: greens first; then, left to right, a letter is yellow while the answer still has
     unmatched copies of it; otherwise grey.  G = right place, Y = elsewhere, X = not in the word / no copies left.
+    The one statement of the rule: data/wordle.py's players and filters all come back here.
         ("crane", "crane") -> "GGGGG";  ("speed", "abide") -> "XXYXY";  ("eerie", "sweet") -> "YYXXX" """
     result = ["X"] * 5
-    unmatched = Counter(a for g, a in zip(guess, answer) if g != a)
+    unmatched = [a for g, a in zip(guess, answer) if g != a]  # the answer's letters not matched green
     for i, (g, a) in enumerate(zip(guess, answer)):
         if g == a:
             result[i] = "G"
-        elif unmatched[g] > 0:
+        elif g in unmatched:
             result[i] = "Y"
-            unmatched[g] -= 1
+            unmatched.remove(g)
     return "".join(result)
 
 
@@ -84,10 +131,15 @@ def is_consistent(word, history):
     return all(wordle_feedback(guess, word) == fb for guess, fb in history)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=100_000)
 def candidates(history, answers):
-    """The answers still possible after `history` (a tuple of (guess, feedback)); answers is a tuple."""
-    return tuple(w for w in answers if is_consistent(w, history))
+    """The answers still possible after `history` (a tuple of (guess, feedback)), in the order of `answers`:
+    those of the history before its last guess that give that guess its feedback (is_consistent, one guess at a
+    time, so each game's filtering is shared by every later turn)."""
+    if not history:
+        return answers
+    guess, fb = history[-1]
+    return tuple(w for w in candidates(history[:-1], answers) if wordle_feedback(guess, w) == fb)
 
 
 # ----------------------------------------------------------------------------------------------------------------

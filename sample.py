@@ -14,7 +14,6 @@ held-out examples are whole games, printed turn by turn with the feedback:
     python sample.py runs/wordle --n=4 --stage=warm_start && python sample.py runs/wordle --n=4
 """
 
-import importlib
 import json
 import os
 import sys
@@ -22,34 +21,38 @@ from contextlib import nullcontext
 
 import torch
 
-from data.tokenizer import gpt2_encoding
-from model import GPT, sample
+from checkpoint import load_run
+from data import load_task, model_player, task_names
+from data.tokenizer import end_and_pad, gpt2_encoding
+from grpo import GRPOConfig
+from hf import load_gpt2
+from model import sample
 
 OPTIONS = {"n": 8, "num_samples": 1, "temperature": 0.0, "max_new_tokens": 0, "seed": 1337, "stage": "grpo"}
 
 
 def load(path, stage="grpo"):
-    """(model, tokenizer, task module or None, max_new_tokens) from a run folder or an exported directory."""
-    import train
+    """(model, tokenizer, task or None, max_new_tokens) from a run folder or an exported directory."""
     if stage not in ("grpo", "warm_start"):
         raise SystemExit(f"error: --stage={stage!r} is not grpo or warm_start")
     if any(os.path.exists(os.path.join(path, name)) for name in ("ckpt.pt", "ckpt.prev.pt")):
-        model, enc, cfg = train.load_run(path, warm_start=stage == "warm_start")
-        return model, enc, importlib.import_module(f"data.{cfg.task}"), cfg.max_new_tokens
+        model, enc, cfg = load_run(path, warm_start=stage == "warm_start")
+        return model, enc, load_task(cfg.task), cfg.max_new_tokens
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"error: {path} is neither a run folder (ckpt.pt) nor a GPT-2 directory (config.json)")
     if stage != "grpo":  # an export holds one model: the warm start stays in the run folder it came from
         raise SystemExit(f"error: --stage={stage} needs a run folder (its warm_start.pt); {path} is an exported "
                          f"model, which holds only the final one")
-    model = GPT.from_pretrained(path).eval()
+    model = load_gpt2(path).eval()
     with open(os.path.join(path, "config.json")) as f:
         ours = json.load(f).get("nanogrpo", {})
-    task = importlib.import_module(f"data.{ours['task']}") if ours.get("task") in train.TASKS else None
+    task = load_task(ours["task"]) if ours.get("task") in task_names() else None
     if task is None or ours.get("gpt2"):  # a GPT-2's own tokenizer files (the task specials mapped onto them)
         enc = gpt2_encoding(path, task_specials=True)
     else:
         enc = task.tokenizer()
-    return model, enc, task, task.MAX_NEW_TOKENS if task else 32
+    max_new_tokens = task.train_defaults.get("max_new_tokens", GRPOConfig.max_new_tokens) if task else 32
+    return model, enc, task, max_new_tokens
 
 
 def parse(argv):
@@ -74,11 +77,10 @@ def main(argv):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if argv else 2)
-    import train
     options, prompts = parse(argv[1:])
     model, enc, task, max_new_tokens = load(argv[0], options["stage"])
     max_new_tokens = options["max_new_tokens"] or max_new_tokens
-    end, pad = train.end_and_pad(enc)
+    end, pad = end_and_pad(enc)
     generator = torch.Generator().manual_seed(options["seed"])
     if prompts or task is None:
         if not prompts:
@@ -89,8 +91,8 @@ def main(argv):
         for i, tokens in enumerate(s.completion_tokens(end)):
             print(f"{prompts[i // options['num_samples']]!r} -> {enc.decode(tokens)!r}")
         return
-    player = train.model_player(model, enc, task, max_new_tokens, nullcontext(), options["temperature"], generator)
-    if hasattr(task, "show_games"):  # a multi-turn task prints its own games
+    player = model_player(model, enc, task, max_new_tokens, nullcontext(), options["temperature"], generator)
+    if task.show_games:  # a multi-turn task prints its own games
         task.show_games(player, options["n"])
         return
     examples = task.evaluation_examples(options["n"])

@@ -22,12 +22,11 @@ from fractions import Fraction
 from functools import lru_cache
 from itertools import combinations
 
-from data import held_out_examples, single_turn_demonstrations
 from data.tokenizer import encoding_from_merges, train_bpe
 from rewards import countdown_correct, countdown_format, parse_answer
 
 NUMBERS, MAX_NUMBER, TARGET_MIN, TARGET_MAX = 3, 20, 10, 100
-MAX_NEW_TOKENS, BLOCK_SIZE = 24, 48
+TRAIN_DEFAULTS = dict(max_new_tokens=24, block_size=48)
 EVAL_SEED = 2468
 HEADLINE = ("solved_rate", "format_rate")
 OPS = "+-*/"
@@ -143,13 +142,9 @@ def reference_players(rng=None):
 DEFAULT_PLAYER = "solver"
 
 
-def demonstrations(n, rng, player=DEFAULT_PLAYER):
-    """(prompt, completion) pairs from a reference player: "solver" (always right) or "random" (the format)."""
-    return single_turn_demonstrations(sys.modules[__name__], n, rng, player)
-
 
 def evaluation_examples(n):
-    return held_out_examples(sys.modules[__name__], n, EVAL_SEED)
+    return training_examples(n, random.Random(EVAL_SEED))  # a stream of its own, never a training one
 
 
 def evaluate(player, n=200, keep_games=0):

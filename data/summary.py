@@ -31,7 +31,6 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from data import held_out_examples, single_turn_demonstrations
 from data.tokenizer import encoding_from_merges, train_bpe
 from model import GPT, GPTConfig, pad_left
 from rewards import length_penalty, quiz_reward
@@ -47,7 +46,7 @@ FILLER = ("the bus was late", "it rained all day", "{a} waved at {b}", "{a} met 
           "nothing else happened", "{a} lost a glove", "the room was cold", "{a} called {b} twice",
           "lunch ran long", "{a} and {b} laughed")
 FACTS, FILLERS = 3, 3
-MAX_NEW_TOKENS, BLOCK_SIZE = 48, 104  # a full copy is 46 tokens with <|end|>; prompts up to 50
+TRAIN_DEFAULTS = dict(max_new_tokens=48, block_size=104)  # a full copy is 46 tokens with <|end|>; prompts up to 50
 EVAL_SEED = 1357
 HEADLINE = ("quiz_score", "mean_chars")
 # The length penalty's free budget: three facts such as "dee: city = oslo" fit (about 45 characters with
@@ -108,12 +107,9 @@ def reference_players(rng=None):
 DEFAULT_PLAYER = "lead"
 
 
-def demonstrations(n, rng, player=DEFAULT_PLAYER):
-    return single_turn_demonstrations(sys.modules[__name__], n, rng, player)
-
 
 def evaluation_examples(n):
-    return held_out_examples(sys.modules[__name__], n, EVAL_SEED)
+    return training_examples(n, random.Random(EVAL_SEED))  # a stream of its own, never a training one
 
 
 def evaluate(player, n=200, keep_games=0):

@@ -145,6 +145,11 @@ def encoding_from_merges(merges, name="task", special_tokens=SPECIAL_TOKENS):
                              explicit_n_vocab=len(ranks) + len(specials))
 
 
+def end_and_pad(enc):
+    """The ids of <|end|> (stops a completion) and <|pad|> in a run's tokenizer."""
+    return enc.encode_single_token("<|end|>"), enc.encode_single_token("<|pad|>")
+
+
 def load_encoding(path, name=None):
     return encoding_from_merges(load_merges(path), name or os.path.splitext(os.path.basename(path))[0])
 

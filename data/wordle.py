@@ -13,7 +13,8 @@ with a letter and its mark as two tokens it did not (nor with one token per word
 
 The CPU-sized default game: 600 answers, which are also the allowed guesses (200 held out as evaluation
 answers, never a training answer; 400 for training), full rules (six turns, duplicate letters as the official
-game). `--task=wordle_full` plays the full lists (6,748 allowed guesses, 2,118 answers), sized for a GPU.
+game). `--task=wordle_full` plays the full lists (6,748 allowed guesses, 2,118 answers), sized for a GPU: every
+function below takes full=True for it.
 
 The warm start imitates a sloppy teacher: after the first turn it plays, half the time, a word that fits the
 greens and greys but ignores the yellows (never a repeat), otherwise a word that could still be the answer. The
@@ -32,7 +33,8 @@ Files in data/wordle/ (source and license in data/wordle/README.md):
     python -m data.wordle build-lists DICT_DIR   # rebuild the word lists from Debian's wamerican packages
     python -m data.wordle players [N]            # the reference players on N held-out games
 
-The task interface is data/__init__.py's; show_games(player, n) prints held-out games turn by turn.
+The task interface is data/__init__.py's; show_games(player, n) prints held-out games turn by turn. The game's
+rules (feedback, which words are still possible) are rewards.py's, written once.
 """
 
 import os
@@ -45,7 +47,7 @@ from functools import lru_cache
 import numpy as np
 
 from data.tokenizer import encoding_from_merges, train_bpe
-from rewards import (parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
+from rewards import (candidates, parse_guess, wordle_consistent, wordle_feedback, wordle_feedback_use,
                      wordle_format, wordle_guess, wordle_info_gain, wordle_win)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wordle")
@@ -53,21 +55,17 @@ MAX_TURNS = 6
 HELDOUT = 200
 EVAL_LIMIT = HELDOUT  # an evaluation plays each held-out answer once: --eval_games above it is refused
 HEADLINE = ("win_rate", "mean_guesses", "invalid_rate", "consistent_rate")  # greedy and sampled in the table
-MAX_NEW_TOKENS, BLOCK_SIZE = 8, 40  # "<guess>", five letters, "</guess>", <|end|>; every prompt is 31 tokens
 SPLIT_SEED = 1234
 TRAIN_ANSWERS = 400  # the CPU-sized game: these many training answers (a fixed sample) + the 200 held out
 SLIP = 0.5           # how often the sloppy teacher ignores the yellows
-FULL = False         # data/wordle_full.py sets it: the full lists
 # train.py's defaults for this task (flags given on the command line win): measured in experiments/wordle.md.
-# dynamic_sampling (DAPO): half to four fifths of the groups score all 8 samples alike, so they are dropped and
-# more states drawn; every learning pass then sees only groups with a spread. refill_factor=2: a refill round
-# samples twice the groups still missing, since most come out flat again (+17.7 points over 3 seeds against
-# +14.5 with 1, at the same step time). max_sampling_rounds=3, not GRPOConfig's 4: a step stops refilling
-# sooner (2.5 rounds against 3.3) and learns from about as many groups; from the same warm starts it gained
-# +19.3 over six runs (none below +15) against the 4 rounds' +15.3, in less time.
-TRAIN_DEFAULTS = dict(sft_steps=3000, sft_batch_size=64, grpo_steps=800, prompts_per_step=32, group_size=8,
-                      lr=1e-4, beta=0.04, eval_interval=200, dynamic_sampling=True, refill_factor=2,
-                      max_sampling_rounds=3)
+# A prompt is 31 tokens and a completion 9 ("<guess>", five letters, "</guess>", <|end|>). dynamic_sampling
+# (DAPO): half to four fifths of the groups score all 8 samples alike, so they are dropped and more states drawn;
+# refill_factor=2 samples twice the groups still missing in a refill round, since most come out flat again;
+# max_sampling_rounds=3 stops refilling sooner than 4 and learns from about as many groups, in less time.
+TRAIN_DEFAULTS = dict(block_size=40, max_new_tokens=8, sft_steps=3000, sft_batch_size=64, grpo_steps=800,
+                      prompts_per_step=32, group_size=8, lr=1e-4, beta=0.04, eval_interval=200,
+                      dynamic_sampling=True, refill_factor=2, max_sampling_rounds=3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,26 +78,17 @@ def read_list(name):
 
 
 @lru_cache(maxsize=None)
-def words():
+def words(full=False):
     """(allowed frozenset, all answers tuple, train answers tuple, held-out answers tuple). The default game's
     answers are the held-out 200 and a fixed sample of TRAIN_ANSWERS training answers, and they are also its
-    allowed guesses; the full game (FULL) has every answer and SCOWL's allowed list."""
+    allowed guesses; the full game has every answer and SCOWL's allowed list."""
     train, heldout = tuple(read_list("answers_train.txt")), tuple(read_list("answers_heldout.txt"))
-    if FULL:
+    if full:
         allowed = frozenset(read_list("allowed.txt"))
     else:
         train = tuple(sorted(random.Random(SPLIT_SEED).sample(train, TRAIN_ANSWERS)))
         allowed = frozenset(train + heldout)
     return allowed, tuple(sorted(train + heldout)), train, heldout
-
-
-def use_full_lists():
-    """Switch this module to the full game (data/wordle_full.py calls it before anything is computed)."""
-    global FULL
-    FULL = True
-    for cached in (words, feedback_table, answer_letters, pool_after, first_guess, greens_and_greys,
-                   off_list_words):
-        cached.cache_clear()
 
 
 @lru_cache(maxsize=None)
@@ -159,9 +148,14 @@ def completion(guess):
     return f"<guess>{guess}</guess>"
 
 
-def make_example(answer, history):
-    allowed, answers, _, _ = words()
+def make_example(answer, history, full=False):
+    allowed, answers, _, _ = words(full)
     return {"answer": answer, "history": tuple(history), "allowed": allowed, "answers": answers}
+
+
+def pool_after(history, full=False):
+    """The answers still possible after history, a tuple of (guess, feedback), in the answer list's order."""
+    return candidates(tuple(history), words(full)[1])
 
 
 # GRPO's states (experiments/wordle.md). A state is a game in progress whose earlier turns the policy itself
@@ -178,22 +172,22 @@ MIN_HISTORY = 1
 
 
 @lru_cache(maxsize=None)
-def off_list_words():
+def off_list_words(full=False):
     """The allowed.txt words outside the game (never a held-out answer). The full game has none (every allowed
     word is a game word), so there every state's hidden word is a training answer."""
-    allowed, _, _, _ = words()
+    allowed, _, _, _ = words(full)
     return tuple(sorted(set(read_list("allowed.txt")) - allowed))
 
 
-def training_examples(n, rng, max_history=4, policy=None):
+def training_examples(n, rng, max_history=4, policy=None, full=False):
     """n game states, never won, in which some game word still fits the feedback: MIN_HISTORY..max_history turns
     played by `policy` (a player, examples -> completion texts) or, without one, by the warm start's teacher,
     against an off-list word (probability OFF_LIST_SHARE) or a training answer. The games are played side by
     side, one call of the player per turn; a guess that is not an allowed word uses its turn and adds no line,
     as in the evaluation (a state left with fewer than MIN_HISTORY lines is dropped)."""
-    allowed, _, train, _ = words()
-    off_list = off_list_words() or train
-    play = policy or reference_players(rng)[DEFAULT_PLAYER]
+    allowed, _, train, _ = words(full)
+    off_list = off_list_words(full) or train
+    play = policy or reference_players(rng, full)[DEFAULT_PLAYER]
     examples, rounds = [], 0
     while len(examples) < n:
         # A player that seldom spells a word (a model with no warm start) or always wins leaves few states with
@@ -206,19 +200,19 @@ def training_examples(n, rng, max_history=4, policy=None):
                   "turns": rng.randint(fewest, max_history)} for _ in range(2 * (n - len(examples)))]
         for turn in range(max_history):
             # Still playing: not won (turns = -1), and some game word still fits (else the state is dropped).
-            playing = [game for game in games if turn < game["turns"] and len(pool_after(tuple(game["history"])))]
+            playing = [game for game in games if turn < game["turns"] and pool_after(game["history"], full)]
             if not playing:
                 break
-            texts = play([make_example(game["answer"], game["history"]) for game in playing])
+            texts = play([make_example(game["answer"], game["history"], full) for game in playing])
             for game, text in zip(playing, texts):
                 guess = parse_guess(text)
                 if guess == game["answer"]:
                     game["turns"] = -1  # won: not a state to train on
                 elif guess in allowed:
                     game["history"].append((guess, wordle_feedback(guess, game["answer"])))
-        examples += [make_example(game["answer"], game["history"]) for game in games  # a non-word adds no line
-                     if game["turns"] >= 0 and len(game["history"]) >= fewest
-                     and len(pool_after(tuple(game["history"])))]
+        examples += [make_example(game["answer"], game["history"], full) for game in games  # a non-word adds
+                     if game["turns"] >= 0 and len(game["history"]) >= fewest  # no line
+                     and pool_after(game["history"], full)]
     return examples[:n]
 
 
@@ -232,16 +226,16 @@ def reward_functions():
 DEFAULT_PLAYER = "sloppy"  # whose games the warm start imitates
 
 
-def demonstrations(n, rng, player=DEFAULT_PLAYER):
+def demonstrations(n, rng, player=DEFAULT_PLAYER, full=False):
     """n (prompt, completion) pairs for the supervised warm start: every turn of games on training answers
     played by a reference player ("random" teaches the format and the words but no strategy)."""
-    _, _, train, _ = words()
-    play = reference_players(rng)[player]
+    _, _, train, _ = words(full)
+    play = reference_players(rng, full)[player]
     pairs = []
     while len(pairs) < n:
         answer, history = rng.choice(train), []
         for _ in range(MAX_TURNS):
-            example = make_example(answer, history)
+            example = make_example(answer, history, full)
             text = play([example])[0]
             pairs.append((prompt(example), text))
             guess = parse_guess(text)
@@ -255,88 +249,57 @@ def demonstrations(n, rng, player=DEFAULT_PLAYER):
 # Players and the full-game evaluator. A player maps a list of examples to a list of completion texts.
 
 
-def feedback_codes(guesses, answers):
-    """(len(guesses), len(answers)) uint8 table of feedback patterns as base-3 codes (G=2, Y=1, X=0 at 3**i),
-    vectorized with numpy and following the same duplicate-letter rule as rewards.wordle_feedback."""
-    g = np.array([[ord(c) - 97 for c in w] for w in guesses], dtype=np.int8)  # (NG, 5)
-    a = np.array([[ord(c) - 97 for c in w] for w in answers], dtype=np.int8)  # (NA, 5)
-    green = g[:, None, :] == a[None, :, :]  # (NG, NA, 5)
-    yellow = np.zeros_like(green)
-    for i in range(5):
-        letter = g[:, i][:, None, None]
-        unmatched = ((a[None, :, :] == letter) & ~green).sum(-1)  # copies of this letter not matched green
-        used = sum((g[:, k] == g[:, i])[:, None] & yellow[:, :, k] for k in range(i)) if i else 0
-        yellow[:, :, i] = ~green[:, :, i] & (unmatched > used)
-    codes = (2 * green + yellow).astype(np.int16) * (3 ** np.arange(5))
-    return codes.sum(-1).astype(np.uint8)
-
-
-def code_to_pattern(code):
-    return "".join("XYG"[(int(code) // 3 ** i) % 3] for i in range(5))
+def code(pattern):
+    """A feedback pattern as a base-3 number, G = 2, Y = 1, X = 0 at 3**i: one byte per guess-answer pair."""
+    return sum("XYG".index(mark) * 3 ** i for i, mark in enumerate(pattern))
 
 
 @lru_cache(maxsize=None)
-def feedback_table():
-    """Feedback codes of every allowed guess against every answer, computed once (a few seconds), so the
-    players and the data generators filter candidates with one indexing operation instead of a Python loop.
-    Returns (sorted allowed guesses, guess -> row, answer -> column, codes (guesses, answers) uint8)."""
-    allowed, answers, _, _ = words()
+def feedback_table(full=False):
+    """The feedback code of every allowed guess (rows, sorted) against every answer (columns), by
+    rewards.wordle_feedback, computed once (about a second for the default game), so the maximum-information
+    player scores every guess against the answers still possible with one indexing operation."""
+    allowed, answers, _, _ = words(full)
     guesses = sorted(allowed)
-    return (guesses, {w: i for i, w in enumerate(guesses)}, {w: i for i, w in enumerate(answers)},
-            feedback_codes(guesses, answers))
+    codes = np.array([[code(wordle_feedback(g, a)) for a in answers] for g in guesses], dtype=np.uint8)
+    return guesses, {w: i for i, w in enumerate(answers)}, codes
 
 
-PATTERN_CODE = {code_to_pattern(c): c for c in range(243)}
-
-
-@lru_cache(maxsize=100_000)
-def pool_after(history):
-    """Indices (into the answer list) of the answers consistent with history, a tuple of (guess, feedback)."""
-    _, answers, _, _ = words()
-    if not history:
-        return np.arange(len(answers))
-    _, row, _, codes = feedback_table()
-    pool = pool_after(history[:-1])
-    guess, fb = history[-1]
-    return pool[codes[row[guess], pool] == PATTERN_CODE[fb]]
-
-
-def max_info_guess(history):
+def max_info_guess(history, full=False):
     """The allowed guess that minimizes the expected number of candidates left (sum of squared partition
     sizes); ties go to a guess that could itself be the answer, then alphabetical order."""
-    _, answers, _, _ = words()
-    guesses, _, _, codes = feedback_table()
-    pool = pool_after(tuple(history))
+    pool = pool_after(history, full)
     if len(pool) <= 2:
-        return answers[pool[0]]
-    cols = codes[:, pool].astype(np.int64)  # (guesses, |pool|)
+        return pool[0]
+    guesses, column, codes = feedback_table(full)
+    cols = codes[:, [column[w] for w in pool]].astype(np.int64)  # (guesses, |pool|)
     rows = np.repeat(np.arange(len(guesses)), len(pool))
     counts = np.bincount(rows * 243 + cols.ravel(), minlength=len(guesses) * 243).reshape(len(guesses), 243)
     expected = (counts ** 2).sum(1)
-    pool_words = {answers[i] for i in pool}
+    pool_words = set(pool)
     is_candidate = np.array([g in pool_words for g in guesses])
     best = np.lexsort((np.arange(len(guesses)), ~is_candidate, expected))[0]
     return guesses[best]
 
 
 @lru_cache(maxsize=None)
-def first_guess():
-    return max_info_guess(())  # the same for every game: computed once
+def first_guess(full=False):
+    return max_info_guess((), full)  # the same for every game: computed once
 
 
 @lru_cache(maxsize=None)
-def answer_letters():
+def answer_letters(full=False):
     """(answers, 5) int8 table of the answers' letters (a = 0), for filtering all answers at once."""
-    _, answers, _, _ = words()
+    _, answers, _, _ = words(full)
     return np.array([[ord(c) - 97 for c in w] for w in answers], dtype=np.int8)
 
 
 @lru_cache(maxsize=100_000)
-def greens_and_greys(history):
-    """Indices of the answers that fit the greens and greys of history but may break its yellows (the sloppy
-    teacher's slip), none of them an earlier guess."""
-    _, _, answer_index, _ = feedback_table()
-    letters = answer_letters()  # (A, 5)
+def greens_and_greys(history, full=False):
+    """The answers that fit the greens and greys of history but may break its yellows (the sloppy teacher's
+    slip), none of them an earlier guess, in the answer list's order."""
+    _, answers, _, _ = words(full)
+    letters = answer_letters(full)  # (A, 5)
     fits = np.ones(len(letters), dtype=bool)
     for guess, fb in history:
         marked = {g for g, m in zip(guess, fb) if m != "X"}
@@ -345,46 +308,48 @@ def greens_and_greys(history):
                 fits &= letters[:, i] == ord(g) - 97
             elif m == "X" and g not in marked:  # absent, unless another copy in that guess was marked
                 fits &= ~(letters == ord(g) - 97).any(1)
-        if guess in answer_index:  # never an earlier guess
-            fits[answer_index[guess]] = False
-    return np.flatnonzero(fits)  # a numpy loop over the 600 answers: the warm start's teacher calls it every turn
+    earlier = {guess for guess, _ in history}  # never an earlier guess
+    # a numpy loop over the answers: the warm start's teacher calls it every turn
+    return tuple(answers[i] for i in np.flatnonzero(fits) if answers[i] not in earlier)
 
 
-def reference_players(rng=None):
+def reference_players(rng=None, full=False):
     """random: any allowed word; candidate: a random answer still possible; sloppy: the warm start's teacher
     (candidate, but after the first turn, SLIP of the time, a word that ignores the yellows); max_info: the
     guess that leaves the fewest candidates on average."""
     rng = rng or random.Random(0)
-    allowed, answers, _, _ = words()
+    allowed, answers, _, _ = words(full)
     allowed_list = sorted(allowed)
 
     def random_word(examples):
         return [completion(rng.choice(allowed_list)) for _ in examples]
 
     def candidate(examples):
-        return [completion(answers[rng.choice(pool_after(tuple(ex["history"])))]) for ex in examples]
+        return [completion(rng.choice(pool_after(ex["history"], full))) for ex in examples]
 
     def sloppy(examples):
         out = []
         for ex in examples:
             history = tuple(ex["history"])
-            pool = greens_and_greys(history) if history and rng.random() < SLIP else pool_after(history)
-            out.append(completion(answers[rng.choice(pool)]))
+            slip = history and rng.random() < SLIP
+            pool = greens_and_greys(history, full) if slip else pool_after(history, full)
+            out.append(completion(rng.choice(pool)))
         return out
 
     def max_info(examples):
-        return [completion(max_info_guess(ex["history"]) if ex["history"] else first_guess()) for ex in examples]
+        return [completion(max_info_guess(ex["history"], full) if ex["history"] else first_guess(full))
+                for ex in examples]
 
     return {"random": random_word, "candidate": candidate, "sloppy": sloppy, "max_info": max_info}
 
 
-def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS):
+def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS, full=False):
     """Play a full game for each of the first n held-out answers (or `answers`), all games a turn at a time.
     A guess that does not parse or is not an allowed word uses up the turn and adds no feedback.
     Returns win_rate (won within max_turns), mean_guesses (over wins), invalid_rate and consistent_rate
     (shares of all guesses: consistent = could still be the answer given the feedback so far), and the first
     `keep_games` transcripts under "transcripts"."""
-    allowed, _, _, heldout = words()
+    allowed, _, _, heldout = words(full)
     answers = list(answers if answers is not None else heldout[:n])
     histories = [[] for _ in answers]
     transcripts = [[] for _ in answers]
@@ -394,7 +359,7 @@ def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS)
         active = [i for i in range(len(answers)) if turns_to_win[i] is None]
         if not active:
             break
-        texts = player([make_example(answers[i], histories[i]) for i in active])
+        texts = player([make_example(answers[i], histories[i], full) for i in active])
         for i, text in zip(active, texts):
             guess = parse_guess(text)
             guesses += 1
@@ -402,7 +367,7 @@ def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS)
             if guess is None or guess not in allowed:
                 invalid += 1
                 continue
-            consistent += wordle_consistent(completion(guess), make_example(answers[i], histories[i])) == 1.0
+            consistent += wordle_consistent(completion(guess), make_example(answers[i], histories[i], full)) == 1.0
             histories[i].append((guess, wordle_feedback(guess, answers[i])))
             if guess == answers[i]:
                 turns_to_win[i] = turn
@@ -416,10 +381,10 @@ def evaluate(player, n=HELDOUT, keep_games=0, answers=None, max_turns=MAX_TURNS)
     return result
 
 
-def show_games(player, n=4):
+def show_games(player, n=4, full=False):
     """Print n held-out games of `player`, turn by turn: the completion, the guess's feedback, and the result."""
-    result = evaluate(player, n, keep_games=n)
-    allowed, _, _, _ = words()
+    result = evaluate(player, n, keep_games=n, full=full)
+    allowed, _, _, _ = words(full)
     for game in result["transcripts"]:
         answer = game["answer"]
         print(f"answer {answer}")

@@ -1,11 +1,18 @@
 """
 Wordle with the full lists, for a GPU: 6,748 allowed guesses and 2,118 answers (200 held out), otherwise the
-same task as data/wordle.py (which holds all of it):
+same task as data/wordle.py, whose functions take full=True for it:
 
     python train.py --task=wordle_full --device=cuda --n_layer=8 --n_embd=384 --sft_steps=6000 --sft_batch_size=256
 """
 
-from data import wordle
+from functools import partial
 
-wordle.use_full_lists()
-from data.wordle import *  # noqa: E402,F401,F403  the same functions, now on the full lists
+from data import wordle
+from data.wordle import (DEFAULT_PLAYER, EVAL_LIMIT, HEADLINE, TRAIN_DEFAULTS, prompt,  # noqa: F401
+                         reward_functions, tokenizer)
+
+training_examples = partial(wordle.training_examples, full=True)
+demonstrations = partial(wordle.demonstrations, full=True)
+reference_players = partial(wordle.reference_players, full=True)
+evaluate = partial(wordle.evaluate, full=True)
+show_games = partial(wordle.show_games, full=True)

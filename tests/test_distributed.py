@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torch.nn.parallel import DistributedDataParallel
+
 import grpo
 from model import Samples
 from tests.helpers import tiny_gpt
@@ -57,11 +59,11 @@ class GradientRecorder:
         return [sum(step[i] for step in self.steps) / len(self.steps) for i in range(len(self.params))]
 
 
-def gradient_of_injected_rollout(rows, loss_type, monkeypatch_module, minibatch_size=None, learner=None):
+def gradient_of_injected_rollout(rows, loss_type, monkeypatch_module, minibatch_size=None, ddp=False):
     """One grpo_step's mean gradient over its optimizer steps, with grpo.rollout replaced by the rows given of
     the handmade rollout."""
     samples, rewards = handmade_rollout(LENGTHS)
-    sub = grpo.subset(samples, rows)
+    sub = samples.select(rows)
 
     def injected(policy, prompts, examples, reward_fns, config, generator, decode):
         return sub, rewards[rows], rewards[rows][:, None]
@@ -70,10 +72,10 @@ def gradient_of_injected_rollout(rows, loss_type, monkeypatch_module, minibatch_
     model = tiny_gpt(seed=3)
     recorder = GradientRecorder(model)
     config = grpo.GRPOConfig(group_size=G, max_new_tokens=COMPLETION_LEN, loss_type=loss_type, max_grad_norm=0,
-                             minibatch_size=minibatch_size)
+                             minibatch_size=minibatch_size, beta=0.0, num_iterations=1)
     n_prompts = int(rows.sum()) // G
-    grpo.grpo_step(model, recorder, [[1]] * n_prompts, [None] * n_prompts, [lambda c, e: 0.0], config,
-                   learner=learner(model) if learner else None)
+    policy = DistributedDataParallel(model) if ddp else model  # as train.py wraps it under torchrun
+    grpo.grpo_step(policy, recorder, [[1]] * n_prompts, [None] * n_prompts, [lambda c, e: 0.0], config)
     return recorder.mean_gradient(), len(recorder.steps)
 
 
@@ -141,7 +143,7 @@ def ddp_gradients(rank):
     for loss_type in LOSS_TYPES:
         def patch(fn):
             grpo.rollout = fn
-        mean, steps = gradient_of_injected_rollout(half, loss_type, patch, learner=grpo.data_parallel)
+        mean, steps = gradient_of_injected_rollout(half, loss_type, patch, ddp=True)
         grads[loss_type] = ([g.numpy() for g in mean], steps)
     return grads
 
@@ -170,18 +172,19 @@ def flat_or_spread(completion, example):
 def dynamic_sampling(rank):
     model = tiny_gpt(seed=1, dtype=torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    config = grpo.GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True, max_sampling_rounds=3)
-    learner = grpo.data_parallel(model)
+    config = grpo.GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True, max_sampling_rounds=3,
+                             beta=0.0, num_iterations=1)
+    policy = DistributedDataParallel(model)
     g = torch.Generator().manual_seed(rank)
     out = []
     # 1. rank 1 never finds a group with spread (its refills are flat too): every rank must skip together
     kind = "spread" if rank == 0 else "flat"
-    m = grpo.grpo_step(model, optimizer, [[1, 2], [3, 4]], [kind, kind], [flat_or_spread], config,
-                       generator=g, refill=lambda n: ([[5, 6]] * n, [kind] * n), learner=learner)
+    m = grpo.grpo_step(policy, optimizer, [[1, 2], [3, 4]], [kind, kind], [flat_or_spread], config,
+                       generator=g, refill=lambda n: ([[5, 6]] * n, [kind] * n))
     out.append(m)
     # 2. rank 1's first round is flat, its refill has spread: both keep the same number of groups
-    m = grpo.grpo_step(model, optimizer, [[1, 2], [3, 4]], ["spread", kind], [flat_or_spread], config,
-                       generator=g, refill=lambda n: ([[5, 6]] * n, ["spread"] * n), learner=learner)
+    m = grpo.grpo_step(policy, optimizer, [[1, 2], [3, 4]], ["spread", kind], [flat_or_spread], config,
+                       generator=g, refill=lambda n: ([[5, 6]] * n, ["spread"] * n))
     out.append(m)
     import train  # train.py's cross-process metrics: the mean of each figure, the max of a *_max one
     out.append(train.average_across_ranks({"ratio_max": float(rank), "kl": float(rank)}))

@@ -1,7 +1,6 @@
-"""Files out: export.py writes a run's policy as a Hugging Face GPT-2 directory that our loader, and transformers
+"""Files out: export.py (hf.export) writes a run's policy as a Hugging Face GPT-2 directory that our loader, and transformers
 where it is installed, read back to the same logits and token ids."""
 
-import importlib
 import json
 import random
 
@@ -9,26 +8,30 @@ import pytest
 import torch
 
 import export
+import hf
 import train
+from checkpoint import load_run
+from data import load_task, task_names
 from data.tokenizer import encoding_from_merges
-from model import GPT, add_lora, read_safetensors
+from model import add_lora
 from tests.helpers import tiny_gpt
 from tests.helpers import TINY
+from tests.reference import read_safetensors
 
-TASKS = ("addition", "wordle", "countdown", "summary")
+TASKS = task_names()
 
 
 def task_texts(name, n=40):
     """Prompts and demonstrations of a task, the text its tokenizer is for, plus some it never saw."""
-    task = importlib.import_module(f"data.{name}")
-    pairs = task.demonstrations(n, random.Random(0), task.DEFAULT_PLAYER)
+    task = load_task(name)
+    pairs = task.demonstrations(n, random.Random(0), task.default_player)
     return [p + c + "<|end|>" for p, c in pairs] + ["  Hello,   world!\n\n\tünïcode 123 <guess>x</guess> é"]
 
 
 def test_safetensors_writer_and_reader_round_trip(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "empty": torch.zeros(0, 4),
                "scalar": torch.tensor(2.5, dtype=torch.float64)}
-    export.write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "pt"})
+    hf.write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "pt"})
     raw = (tmp_path / "x.safetensors").read_bytes()
     assert int.from_bytes(raw[:8], "little") % 8 == 0  # the data starts aligned
     back = read_safetensors(tmp_path / "x.safetensors")
@@ -39,8 +42,8 @@ def test_safetensors_writer_and_reader_round_trip(tmp_path):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_exported_merges_rebuild_the_tasks_tokenizer_exactly(name):
-    enc = importlib.import_module(f"data.{name}").tokenizer()
-    vocab, merges = export.bpe_merges(enc)
+    enc = load_task(name).tokenizer()
+    vocab, merges = hf.bpe_merges(enc)
     rebuilt = encoding_from_merges(merges)
     assert len(vocab) == rebuilt.n_vocab - 3
     for text in task_texts(name):
@@ -52,14 +55,14 @@ def exported_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     train.main(TINY + [f"--out_dir={root / 'run'}", "--grpo_steps=2", "--reference_players=false"])
     export.main([str(root / "run"), str(root / "hf")])
-    model, enc, _ = train.load_run(str(root / "run"))
+    model, enc, _ = load_run(str(root / "run"))
     return model, enc, root / "hf"
 
 
 def test_an_exported_run_loads_back_to_the_same_logits(exported_run):
     model, enc, hf_dir = exported_run
     idx = torch.tensor([enc.encode("<|begin|>12+30=42<|end|>", allowed_special="all")])
-    loaded = GPT.from_pretrained(str(hf_dir))
+    loaded = hf.load_gpt2(str(hf_dir))
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
     config = json.loads((hf_dir / "config.json").read_text())
@@ -73,11 +76,11 @@ def test_lora_adapters_are_merged_into_the_export(tmp_path):
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, 0.5)  # adapters that change the output
-    enc = importlib.import_module("data.addition").tokenizer()
-    export.export(model, enc, str(tmp_path), "addition")
+    enc = load_task("addition").tokenizer()
+    hf.export(model, enc, str(tmp_path), "addition")
     idx = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
-        torch.testing.assert_close(GPT.from_pretrained(str(tmp_path))(idx)[0], model(idx)[0], rtol=1e-5,
+        torch.testing.assert_close(hf.load_gpt2(str(tmp_path))(idx)[0], model(idx)[0], rtol=1e-5,
                                    atol=1e-5)
     assert model.config.lora_rank == 4  # the run's model itself is untouched
 
@@ -91,8 +94,8 @@ def test_transformers_reads_the_export_to_the_same_logits_and_ids(exported_run, 
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, model(idx)[0], rtol=1e-5, atol=1e-5)
     for name in TASKS:  # every task's tokenizer, through transformers' fast tokenizer
-        task_enc = importlib.import_module(f"data.{name}").tokenizer()
-        export.write_tokenizer(task_enc, str(tmp_path), 64)
+        task_enc = load_task(name).tokenizer()
+        hf.write_tokenizer(task_enc, str(tmp_path), 64)
         tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
         for text in task_texts(name):
             assert tok(text)["input_ids"] == task_enc.encode(text, allowed_special="all"), (name, text)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import grpo
-from grpo import GRPOConfig, grpo_loss, grpo_step, group_advantages, kl_k3, overlong_penalty, score
-from model import sample, token_logprobs
+from grpo import GRPOConfig, grpo_loss, grpo_step, group_advantages, kl_k3, overlong_penalty
+from model import GPT, sample
+from rewards import score
 from tests.helpers import tiny_gpt
 
 # ---- advantages ----------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def test_group_std_is_bessel_corrected():
 def test_advantage_errors_name_the_problem():
     with pytest.raises(ValueError, match="do not split into groups of 3"):
         group_advantages(torch.zeros(8), 3)
-    with pytest.raises(ValueError, match="'group', 'batch', 'none'"):
+    with pytest.raises(ValueError, match="scale='rank' is not one of group, batch, none"):
         group_advantages(torch.zeros(8), 4, scale="rank")
 
 
@@ -158,14 +159,14 @@ def test_at_ratio_one_the_gradient_is_reinforce_with_the_group_baseline():
     mask = s.completion_mask.double()
 
     model.zero_grad()
-    logp, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    logp, _ = model.logprobs(s.tokens, s.prompt_len, valid=s.valid)
     loss, stats = grpo_loss(logp, logp.detach(), A, mask)
     loss.backward()
     ours = [p.grad.clone() for p in model.parameters()]
     assert stats["clip_low_frac"] == stats["clip_high_frac"] == 0 and stats["ratio_mean"] == 1
 
     model.zero_grad()
-    logp, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    logp, _ = model.logprobs(s.tokens, s.prompt_len, valid=s.valid)
     reinforce = -sum(A[i] * (logp[i] * mask[i]).sum() / mask[i].sum() for i in range(len(A))) / len(A)
     reinforce.backward()
     for a, b in zip(ours, [p.grad for p in model.parameters()]):
@@ -223,11 +224,11 @@ def test_loss_value_is_about_zero_at_ratio_one_with_centred_advantages():
 
 def test_loss_errors_name_the_problem():
     logp, old, A, mask, _ = random_batch()
-    with pytest.raises(ValueError, match="'grpo', 'dapo', 'dr_grpo'"):
+    with pytest.raises(ValueError, match="loss_type='ppo' is not one of grpo, dapo, dr_grpo"):
         grpo_loss(logp, old, A, mask, loss_type="ppo")
     with pytest.raises(ValueError, match="beta > 0 needs ref_logp"):
         grpo_loss(logp, old, A, mask, beta=0.1)
-    with pytest.raises(ValueError, match="'token', 'sequence'"):
+    with pytest.raises(ValueError, match="importance_level='word' is not one of token, sequence"):
         GRPOConfig(importance_level="word")
 
 
@@ -247,12 +248,21 @@ def test_score_weights_and_validates_reward_functions():
     def const(c, ex):
         return 2.0
 
-    total, table = score(["ab", "abcd"], [None, None], [length, const], weights=(0.5, 1.0))
-    torch.testing.assert_close(total, torch.tensor([3.0, 4.0]))
-    assert table.shape == (2, 2)
-
     def boom(c, ex):
         raise KeyError("x")
+
+    assert score(["ab", "abcd"], [None, None], [length, const], weights=(0.5, 1.0)) == [[2.0, 2.0], [4.0, 2.0]]
+    assert score(["ab"], [None], [length, boom], weights=(1.0, 0.0)) == [[2.0, 0.0]]  # weighted 0: never run
+    # the rollout weighs the table in float64: 0.5 * length + 1.0 * const
+    config = GRPOConfig(group_size=4, max_new_tokens=5, reward_weights=(0.5, 1.0), beta=0.0)
+    _, total, table = grpo.rollout(tiny_gpt(dtype=torch.float32), [[1, 2], [3]], [None, None], [length, const],
+                                   config, torch.Generator().manual_seed(0), None)
+    assert table.shape == (8, 2)
+    torch.testing.assert_close(total, 0.5 * table[:, 0] + table[:, 1])
+    huge = GRPOConfig(group_size=4, max_new_tokens=5, reward_weights=(1e30, 1e30), beta=0.0)
+    with pytest.raises(ValueError, match="the weighted reward overflows float32"):
+        grpo.rollout(tiny_gpt(dtype=torch.float32), [[1, 2]], [None], [lambda c, ex: 3e38, const], huge,
+                     torch.Generator().manual_seed(0), None)
 
     with pytest.raises(RuntimeError, match=r"reward function boom raised KeyError.*'abcd'"):
         score(["abcd"], [None], [boom])
@@ -274,7 +284,7 @@ def share_of_token(target):
 def run_toy(steps=25, flip_sign=False, monkeypatch=None, **overrides):
     model = tiny_gpt(seed=1, dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    config = GRPOConfig(**{**dict(group_size=8, max_new_tokens=8), **overrides})
+    config = GRPOConfig(**{**dict(group_size=8, max_new_tokens=8, beta=0.0, num_iterations=1), **overrides})
     g = torch.Generator().manual_seed(0)
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
     if flip_sign:
@@ -312,7 +322,7 @@ def test_two_passes_over_one_minibatch_divide_by_the_sampling_policys_logprobs()
     # independent computation: score the rollout under the policy before any update (the plain, ungrouped pass),
     # then two Adam steps of the clipped loss against those fixed numbers. (Taking each pass's own detached
     # log-probs instead would make rho 1 in the second pass, and the clip would never act: different weights.)
-    config = GRPOConfig(group_size=8, max_new_tokens=6, num_iterations=2, eps_low=0.05, eps_high=0.05)
+    config = GRPOConfig(group_size=8, max_new_tokens=6, beta=0.0, num_iterations=2, eps_low=0.05, eps_high=0.05)
     model, twin = tiny_gpt(seed=1, dtype=torch.float64), tiny_gpt(seed=1, dtype=torch.float64)  # Adam magnifies
     # float32 rounding on weights whose gradients are near 0: float64 makes the comparison exact to 1e-9
     optimizer, twin_optimizer = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (model, twin))
@@ -325,9 +335,9 @@ def test_two_passes_over_one_minibatch_divide_by_the_sampling_policys_logprobs()
     advantages = torch.where(r.std(1, keepdim=True) > 0, (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True)
                                                                                          + 1e-6), 0.0).view(-1)
     with torch.no_grad():
-        old = token_logprobs(twin, s.tokens, s.prompt_len, valid=s.valid)[0]
+        old = twin.logprobs(s.tokens, s.prompt_len, valid=s.valid)[0]
     for _ in range(2):
-        logp = token_logprobs(twin, s.tokens, s.prompt_len, valid=s.valid)[0]
+        logp = twin.logprobs(s.tokens, s.prompt_len, valid=s.valid)[0]
         loss, _ = grpo_loss(logp, old, advantages, s.completion_mask, eps_low=0.05, eps_high=0.05)
         twin_optimizer.zero_grad()
         loss.backward()
@@ -341,7 +351,7 @@ def test_kl_term_uses_the_reference_and_is_zero_at_the_start():
     model = tiny_gpt(seed=1, dtype=torch.float32)
     reference = tiny_gpt(seed=1, dtype=torch.float32).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    config = GRPOConfig(group_size=8, max_new_tokens=6, beta=0.04)
+    config = GRPOConfig(group_size=8, max_new_tokens=6, beta=0.04, num_iterations=1)
     g = torch.Generator().manual_seed(0)
 
     def first_token_odd(completion, example):
@@ -356,13 +366,13 @@ def test_kl_term_uses_the_reference_and_is_zero_at_the_start():
 
 def test_logprobs_use_the_sampling_temperature(monkeypatch):
     seen = []
-    original = grpo.token_logprobs
+    original = GPT.logprobs
 
     def spy(*args, **kwargs):
         seen.append(kwargs["temperature"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(grpo, "token_logprobs", spy)
+    monkeypatch.setattr(GPT, "logprobs", spy)
     run_toy(steps=1, temperature=0.6, num_iterations=2)
     assert seen and set(seen) == {0.6}
 
@@ -376,7 +386,7 @@ def test_sampled_token_frequencies_match_logprobs_at_the_sampling_temperature():
                generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(s.completion[:, 0], minlength=50).double() / 20_000
     tokens = torch.tensor([[1, 2, 3, t] for t in range(50)])
-    at = {T: token_logprobs(model, tokens, 3, temperature=T)[0][:, 0].exp() for T in (0.5, 1.0)}
+    at = {T: model.logprobs(tokens, 3, temperature=T)[0][:, 0].exp() for T in (0.5, 1.0)}
     assert (freq - at[0.5]).abs().max() < 0.015
     assert (freq - at[1.0]).abs().max() > 0.1
 
@@ -393,7 +403,7 @@ def test_dynamic_sampling_refills_groups_with_spread():
         calls.append(n)
         return [[5, 6]] * n, ["spread"] * n
 
-    config = GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True)
+    config = GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True, beta=0.0, num_iterations=1)
     m = grpo_step(model, optimizer, [[1, 2], [3, 4]], ["flat", "spread"], [reward], config,
                   generator=torch.Generator().manual_seed(0), refill=refill)
     assert calls == [1] and m["sampling_rounds"] == 2 and m["zero_std_frac"] == 0.5 and m["groups_learned"] == 2
@@ -402,7 +412,8 @@ def test_dynamic_sampling_refills_groups_with_spread():
     assert m["skipped"] == 1.0 and m["groups_learned"] == 0
     # refill_factor: the later round samples 3 x the one missing group; the batch keeps the 2 wanted.
     calls.clear()
-    config = GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True, refill_factor=3.0)
+    config = GRPOConfig(group_size=8, max_new_tokens=4, dynamic_sampling=True, refill_factor=3.0, beta=0.0,
+                        num_iterations=1)
     m = grpo_step(model, optimizer, [[1, 2], [3, 4]], ["flat", "spread"], [reward], config,
                   generator=torch.Generator().manual_seed(0), refill=refill)
     assert calls == [3] and m["sampling_rounds"] == 2 and m["groups_learned"] == 2

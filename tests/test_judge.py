@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import grpo
 from tests.helpers import tiny_gpt
 from model import pad_left
 from data.summary import llm_judge
+from rewards import score
 
 CHARS = "abcdefgh ?:"
 GRADES = [40, 41, 42, 43, 44]  # token ids of the grades "0".."4", worst first
@@ -86,10 +86,10 @@ def test_a_judge_trained_to_prefer_a_pattern_grades_by_it():
     reward = llm_judge(judge, encode, make_prompt, GRADES)
     good, bad = reward(["aaaaa", "abaaa"], ["h", "h"]), reward(["bbbbb", "bcbcb"], ["h", "h"])
     assert min(good) > 0.8 and max(bad) < 0.2
-    # and through grpo.score, as a batched reward function next to a per-completion one
-    total, table = grpo.score(["aaaaa", "bbbbb"], ["h", "h"], [reward, lambda c, ex: float(len(c))], [1.0, 0.5])
-    assert total.tolist() == pytest.approx([table[0, 0].item() + 2.5, table[1, 0].item() + 2.5])
-    assert table[0, 0] > 0.8 and table[1, 0] < 0.2
+    # and through rewards.score, as a batched reward function next to a per-completion one
+    table = score(["aaaaa", "bbbbb"], ["h", "h"], [reward, lambda c, ex: float(len(c))], [1.0, 0.5])
+    assert [row[1] for row in table] == [5.0, 5.0]
+    assert table[0][0] > 0.8 and table[1][0] < 0.2
 
 
 def test_score_names_a_batched_reward_that_breaks_its_contract():
@@ -101,6 +101,6 @@ def test_score_names_a_batched_reward_that_breaks_its_contract():
         return [float("nan")] * len(completions)
     nan.batched = True
     with pytest.raises(ValueError, match="short returned 1 values for 2 completions"):
-        grpo.score(["a", "b"], [None, None], [short])
+        score(["a", "b"], [None, None], [short])
     with pytest.raises(ValueError, match="nan returned nan"):
-        grpo.score(["a", "b"], [None, None], [nan])
+        score(["a", "b"], [None, None], [nan])

@@ -8,7 +8,8 @@ import struct
 import pytest
 import torch
 
-from model import GPT, read_safetensors
+from hf import load_gpt2
+from tests.reference import read_safetensors
 from tests.helpers import tiny_gpt, write_safetensors
 from tests.helpers import hf_state_dict, write_hf_checkpoint
 
@@ -74,12 +75,12 @@ def gpt2_dir(tmp_path, model=None, **config_overrides):
 def test_config_fields_that_change_the_math_are_refused_not_ignored(tmp_path, field, value):
     gpt2_dir(tmp_path, **{field: value})
     with pytest.raises(ValueError, match=f"{field} is {value!r}; this GPT computes GPT-2's"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
 
 def test_gpt2s_own_values_of_those_fields_load(tmp_path):
     model = gpt2_dir(tmp_path, tie_word_embeddings=True, layer_norm_epsilon=1e-5, n_inner=None)
-    loaded = GPT.from_pretrained(str(tmp_path))
+    loaded = load_gpt2(str(tmp_path))
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
@@ -90,7 +91,7 @@ def test_integer_weights_are_refused_not_cast(tmp_path):
     state["transformer.wpe.weight"] = torch.zeros(64, 32, dtype=torch.int32)
     write_safetensors(tmp_path / "model.safetensors", state)
     with pytest.raises(ValueError, match="transformer.wpe.weight: checkpoint holds torch.int32 data"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
 
 def test_an_lm_head_that_differs_from_the_tied_embedding_is_refused(tmp_path):
@@ -99,10 +100,10 @@ def test_an_lm_head_that_differs_from_the_tied_embedding_is_refused(tmp_path):
     state["lm_head.weight"] = torch.randn_like(state["transformer.wte.weight"])
     write_safetensors(tmp_path / "model.safetensors", state)
     with pytest.raises(ValueError, match="lm_head.weight differs from transformer.wte.weight"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
     state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # the same matrix stored twice: fine
     write_safetensors(tmp_path / "model.safetensors", state)
-    GPT.from_pretrained(str(tmp_path))
+    load_gpt2(str(tmp_path))
 
 
 def test_a_tiny_directory_claiming_a_huge_model_is_refused_before_any_allocation(tmp_path):
@@ -112,6 +113,6 @@ def test_a_tiny_directory_claiming_a_huge_model_is_refused_before_any_allocation
     write_safetensors(tmp_path / "model.safetensors", {"transformer.wte.weight": torch.zeros(2, 2)})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ValueError, match="does not match the model"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 200, grown_mb  # the model it describes would be tens of GB

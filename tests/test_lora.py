@@ -6,7 +6,9 @@ import torch
 
 import grpo
 from tests.helpers import tiny_gpt
-from model import GPT, Linear, adapters_off, add_lora, load_state_dict_checked, merge_lora
+from checkpoint import load_state_dict_checked
+from model import GPT, Linear, adapters_off, add_lora, merge_lora
+from tests.reference import sample_without_cache
 
 
 def tokens(seed=0, shape=(3, 10)):
@@ -72,8 +74,8 @@ def test_kv_cache_sampling_uses_the_adapter():
     from model import sample
     model = trained_adapter()
     a = sample(model, [[1, 2, 3]], max_new_tokens=6, group_size=4, generator=torch.Generator().manual_seed(0))
-    b = sample(model, [[1, 2, 3]], max_new_tokens=6, group_size=4, generator=torch.Generator().manual_seed(0),
-               use_cache=False)
+    b = sample_without_cache(model, [[1, 2, 3]], max_new_tokens=6, group_size=4,
+                             generator=torch.Generator().manual_seed(0))
     assert torch.equal(a.tokens, b.tokens)
 
 

@@ -4,8 +4,10 @@ import os
 import pytest
 import torch
 
-from model import GPT, KVCache, load_state_dict_checked, logprobs_from_hidden, pad_left, read_safetensors, \
-    sample, token_logprobs
+from checkpoint import load_state_dict_checked
+from hf import load_gpt2
+from model import KVCache, ChunkedLogprob, pad_left, sample
+from tests.reference import read_safetensors, sample_without_cache
 from tests.helpers import PROMPTS, gpt2_like_head, tiny_gpt, write_hf_checkpoint, write_safetensors
 
 
@@ -51,9 +53,9 @@ def test_prefill_then_decode_with_cache_matches_full_forward():
                                      dict(temperature=0), dict(top_k=3, top_p=0.5, temperature=1.3)])
 def test_kv_cache_sampling_draws_exactly_the_no_cache_tokens(options):
     model = tiny_gpt()
-    runs = [sample(model, PROMPTS, max_new_tokens=20, group_size=3, stop_token=7, pad_token=0,
-                   generator=torch.Generator().manual_seed(1), use_cache=use_cache, **options)
-            for use_cache in (True, False)]
+    runs = [sampler(model, PROMPTS, max_new_tokens=20, group_size=3, stop_token=7, pad_token=0,
+                    generator=torch.Generator().manual_seed(1), **options)
+            for sampler in (sample, sample_without_cache)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert torch.equal(runs[0].completion_mask, runs[1].completion_mask)
     assert torch.equal(runs[0].truncated, runs[1].truncated)
@@ -116,14 +118,14 @@ def test_chunked_logprobs_match_naive_values_and_gradients(chunk_size):
     for chunked in (True, False):
         model.zero_grad()
         if chunked:
-            logp, entropy = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
+            logp, entropy = model.logprobs(s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
                                            chunk_size=chunk_size, with_entropy=True)
         else:
             logp, entropy = naive_logprobs(model, s.tokens, s.prompt_len, s.valid, 0.7)
         (logp * weights).sum().backward()
         results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
     (lp1, ent1, g1), (lp2, ent2, g2) = results
-    without_entropy, none = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
+    without_entropy, none = model.logprobs(s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
                                            chunk_size=chunk_size)
     assert none is None and torch.equal(without_entropy.detach(), lp1)  # skipping the entropy pass changes no log-prob
     torch.testing.assert_close(lp1, lp2, rtol=0, atol=1e-5)
@@ -152,7 +154,7 @@ def test_chunked_logprob_gradient_under_bf16_autocast_is_no_worse_than_a_plain_l
         return (hh @ ww.t()).float().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
 
     def chunked(hh, ww):
-        return logprobs_from_hidden(hh, ww, target, chunk_size=32)[0]
+        return ChunkedLogprob.apply(hh, ww, target, 1.0, 32, False)[0]
 
     truth = grads(plain, torch.float64, autocast=False)
     errors = {}
@@ -174,7 +176,7 @@ def test_group_shared_prompt_gives_the_plain_values_and_gradients(prompts):
     results = []
     for group_size in (3, 1):
         model.zero_grad()
-        logp, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid, temperature=0.8,
+        logp, _ = model.logprobs(s.tokens, s.prompt_len, valid=s.valid, temperature=0.8,
                                   group_size=group_size)
         (logp * weights).sum().backward()
         results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -189,18 +191,18 @@ def test_group_shared_prompt_gives_the_plain_values_and_gradients(prompts):
 def test_group_shared_prompt_refuses_rows_that_do_not_share_it():
     model = tiny_gpt()
     tokens = torch.tensor([[1, 2, 3, 4, 4], [1, 2, 3, 5, 5], [1, 7, 3, 4, 4], [1, 2, 3, 4, 4]])
-    token_logprobs(model, tokens[:2], 3, group_size=2)  # one group, one shared prompt: fine
+    model.logprobs(tokens[:2], 3, group_size=2)  # one group, one shared prompt: fine
     with pytest.raises(ValueError, match="do not share their first 3 tokens"):
-        token_logprobs(model, tokens, 3, group_size=2)
+        model.logprobs(tokens, 3, group_size=2)
     with pytest.raises(ValueError, match="groups of 3"):
-        token_logprobs(model, tokens, 3, group_size=3)
+        model.logprobs(tokens, 3, group_size=3)
 
 
 def test_logprobs_score_each_token_by_the_previous_position():
     # Independent check of the shift: log p(token t) computed by running the prefix alone, one token at a time.
     model = tiny_gpt()
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    logp, _ = token_logprobs(model, tokens, start=2)
+    logp, _ = model.logprobs(tokens, start=2)
     for t in range(2, 6):
         logits, _ = model(tokens[:, :t])
         expected = logits[0, -1].log_softmax(-1)[tokens[0, t]]
@@ -210,9 +212,9 @@ def test_logprobs_score_each_token_by_the_previous_position():
 def test_bf16_autocast_paths_run_and_stay_close():
     model = tiny_gpt(dtype=torch.float32)
     s = sample(model, PROMPTS, max_new_tokens=6, group_size=2, generator=torch.Generator().manual_seed(0))
-    exact, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+    exact, _ = model.logprobs(s.tokens, s.prompt_len, valid=s.valid)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low, _ = token_logprobs(model, s.tokens, s.prompt_len, valid=s.valid)
+        low, _ = model.logprobs(s.tokens, s.prompt_len, valid=s.valid)
         sample(model, PROMPTS, max_new_tokens=4, group_size=2, generator=torch.Generator().manual_seed(0))
     assert low.dtype == torch.float32
     assert (low - exact).abs().max() < 0.1
@@ -241,7 +243,7 @@ def test_sampling_rejects_bad_arguments_by_name():
 def test_from_pretrained_reproduces_the_saved_model(tmp_path, kind, prefix):
     model = tiny_gpt(dtype=torch.float32)
     write_hf_checkpoint(model, tmp_path, kind, prefix)
-    loaded = GPT.from_pretrained(str(tmp_path))
+    loaded = load_gpt2(str(tmp_path))
     idx = torch.randint(0, 50, (2, 10))
     torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
@@ -261,7 +263,7 @@ def test_from_pretrained_matches_transformers_when_installed(tmp_path):
     model = tiny_gpt(dtype=torch.float32)
     write_hf_checkpoint(model, tmp_path)
     theirs = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
-    ours = GPT.from_pretrained(str(tmp_path))
+    ours = load_gpt2(str(tmp_path))
     idx = torch.randint(0, 50, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], theirs(idx).logits, rtol=1e-4, atol=1e-4)
@@ -270,20 +272,20 @@ def test_from_pretrained_matches_transformers_when_installed(tmp_path):
 def test_from_pretrained_errors_name_the_problem(tmp_path):
     model = tiny_gpt(dtype=torch.float32)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
     write_hf_checkpoint(model, tmp_path)
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors nor pytorch_model.bin"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type is 'llama'"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
     # a config that says 3 layers while the weights have 2, and a tensor of the wrong shape
     write_hf_checkpoint(model, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
     with pytest.raises(ValueError, match="missing transformer.h.2"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
     state = model.state_dict()
     state["transformer.wpe.weight"] = torch.zeros(10, 32)
     with pytest.raises(ValueError, match=r"transformer.wpe.weight: checkpoint \(10, 32\) vs model \(64, 32\)"):

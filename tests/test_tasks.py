@@ -4,8 +4,10 @@ from itertools import permutations, product
 
 import pytest
 
-from data import addition, countdown, summary, wordle
+from config import TrainConfig
+from data import addition, countdown, load_task, summary, task_names, wordle
 from rewards import evaluate_expression, is_consistent, parse_guess, quiz_reward, wordle_feedback
+from tests.reference import wordle_feedback_by_counting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,13 +20,14 @@ def test_word_lists_are_clean_and_split():
 
 
 def test_the_full_game_has_the_full_lists():
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-c", "import data.wordle_full as w; print(*map(len, w.words()))"],
-                         capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
-    allowed, answers, train, heldout = map(int, out)
+    allowed, answers, train, heldout = map(len, wordle.words(full=True))
     assert heldout == 200 and answers == train + heldout and 1500 <= answers <= 2500 and allowed > 5000
     assert set(wordle.words()[3]) == set(wordle.read_list("answers_heldout.txt"))  # the same 200 held out
+    full = load_task("wordle_full")  # the task plays the full lists, and the small game is unchanged beside it
+    _, full_answers, full_train, _ = wordle.words(full=True)
+    assert {ex["answer"] for ex in full.training_examples(30, random.Random(0))} <= set(full_train)
+    assert {parse_guess(c) for _, c in full.demonstrations(20, random.Random(0))} - set(wordle.words()[1])
+    assert len(wordle.words()[1]) == 600
 
 
 def test_a_letter_with_its_mark_is_one_token_a_guess_one_token_per_letter_and_prompts_round_trip():
@@ -39,18 +42,20 @@ def test_a_letter_with_its_mark_is_one_token_a_guess_one_token_per_letter_and_pr
     text = wordle.prompt(example) + wordle.completion("crane") + "<|end|>"
     assert wordle.prompt(example) == "<|begin|>" + "..........\n" * 3 + "sXlXaGtXeG\ngXrGaGpXeG\n"
     ids = enc.encode(text, allowed_special="all")
-    assert enc.decode(ids) == text and len(ids) == 1 + 6 * 5 + 7 + 1 <= wordle.BLOCK_SIZE  # lines, guess, end
+    assert enc.decode(ids) == text and len(ids) == 1 + 6 * 5 + 7 + 1 <= wordle.TRAIN_DEFAULTS["block_size"]  # lines, guess, end
     assert len(enc.encode(wordle.prompt(wordle.make_example("crane", [])), allowed_special="all")) == 31
 
 
-def test_numpy_feedback_codes_match_the_rules():
-    allowed, answers, _, _ = wordle.words()
-    rng = random.Random(0)
-    guesses, targets = rng.sample(sorted(allowed), 200), rng.sample(answers, 200)
-    codes = wordle.feedback_codes(guesses, targets)
-    for i, g in enumerate(guesses):
-        for j, a in enumerate(targets):
-            assert wordle.code_to_pattern(codes[i, j]) == wordle_feedback(g, a)
+def test_the_feedback_rule_and_its_table_match_the_rules_counted_out():
+    rng = random.Random(0)  # five-letter strings over five letters: repeated letters in most of them
+    for _ in range(20_000):
+        guess, answer = ("".join(rng.choice("abcde") for _ in range(5)) for _ in range(2))
+        assert wordle_feedback(guess, answer) == wordle_feedback_by_counting(guess, answer), (guess, answer)
+    guesses, column, codes = wordle.feedback_table()
+    _, answers, _, _ = wordle.words()
+    for g in rng.sample(guesses, 100):
+        for a in rng.sample(answers, 100):
+            assert codes[guesses.index(g), column[a]] == wordle.code(wordle_feedback_by_counting(g, a))
 
 
 def test_evaluator_counts_wins_guesses_invalid_and_consistent():
@@ -143,8 +148,8 @@ def test_the_sloppy_teachers_slip_keeps_greens_and_greys_and_never_repeats():
     grew = 0
     for answer in heldout[:30]:
         history = tuple((g, wordle_feedback(g, answer)) for g in rng.sample([w for w in answers if w != answer], 2))
-        slip = {answers[i] for i in wordle.greens_and_greys(history)}
-        exact = {answers[i] for i in wordle.pool_after(history)} - {g for g, _ in history}
+        slip = set(wordle.greens_and_greys(history))
+        exact = set(wordle.pool_after(history)) - {g for g, _ in history}
         assert exact <= slip and not {g for g, _ in history} & slip
         grew += len(slip) > len(exact)
         for word in slip:  # greens in place, and no letter the feedback shows absent
@@ -174,7 +179,7 @@ def test_the_slip_pool_is_exactly_the_words_that_fit_greens_and_greys():
                 if any(m == "X" and c not in marked and c in word for c, m in zip(guess, fb)):
                     return False
             return True
-        assert [answers[i] for i in wordle.greens_and_greys(history)] == [w for w in answers if fits(w)]
+        assert list(wordle.greens_and_greys(history)) == [w for w in answers if fits(w)]
 
 
 def test_addition_task_players_and_tokenizer():
@@ -185,7 +190,7 @@ def test_addition_task_players_and_tokenizer():
     players = addition.reference_players(random.Random(0))
     assert addition.evaluate(players["oracle"], 50)["exact_rate"] == 1.0
     assert addition.evaluate(players["random"], 50)["exact_rate"] < 0.3
-    pairs = addition.demonstrations(10, random.Random(0))
+    pairs = load_task("addition").demonstrations(10, random.Random(0))
     assert all(p.endswith("=") and c.isdigit() for p, c in pairs)
 
 
@@ -207,20 +212,27 @@ def test_addition_carry_slip_counts_the_carry_free_answer():
     assert 0.3 < addition.evaluate(addition.reference_players(random.Random(0))["sloppy"], 200)["carry_slip_rate"] < 0.7
 
 
-@pytest.mark.parametrize("task", [wordle, addition, countdown, summary])
-def test_tasks_share_one_interface(task):
-    for name in ("tokenizer", "training_examples", "prompt", "demonstrations", "reward_functions", "evaluate",
-                 "reference_players", "HEADLINE", "DEFAULT_PLAYER", "MAX_NEW_TOKENS", "BLOCK_SIZE"):
-        assert hasattr(task, name), name
-    assert task.DEFAULT_PLAYER in task.reference_players()
+def test_every_module_with_the_task_interface_is_found():
+    assert {"addition", "wordle", "wordle_full", "countdown", "summary", "reverse"} <= set(task_names())
+    assert "tokenizer" not in task_names()  # data/tokenizer.py is no task
+
+
+@pytest.mark.parametrize("name", task_names())
+def test_tasks_share_one_interface(name):
+    task = load_task(name)
+    assert task.default_player in task.reference_players()
+    cfg = TrainConfig(**{**task.train_defaults, "task": name})  # the task's own sizes, or the run's defaults
     enc = task.tokenizer()
     for p, c in task.demonstrations(20, random.Random(0)):
         ids = enc.encode(p + c + "<|end|>", allowed_special="all")
-        assert enc.decode(ids) == p + c + "<|end|>" and len(ids) <= task.BLOCK_SIZE
-        assert len(enc.encode(c + "<|end|>", allowed_special="all")) <= task.MAX_NEW_TOKENS
+        assert enc.decode(ids) == p + c + "<|end|>" and len(ids) <= cfg.block_size
+        assert len(enc.encode(c + "<|end|>", allowed_special="all")) <= cfg.max_new_tokens
+    fns, weights = task.reward_functions()
+    assert len(fns) == len(weights) and all(callable(fn) for fn in fns)
     # More transcripts asked for than games played (--log_samples above --eval_games): as many as were played.
-    player = task.reference_players(random.Random(0))[task.DEFAULT_PLAYER]
-    assert len(task.evaluate(player, 2, keep_games=5)["transcripts"]) == 2
+    player = task.reference_players(random.Random(0))[task.default_player]
+    result = task.evaluate(player, 2, keep_games=5)
+    assert len(result["transcripts"]) == 2 and all(k in result for k in task.headline)
 
 
 def all_values_naively(numbers):

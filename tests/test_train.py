@@ -1,5 +1,6 @@
 """train.py end to end on the toy task: tiny models, seconds per run."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,8 +13,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import config
+import data
 import grpo
 import train
+from checkpoint import CheckpointError, prepare_out_dir, read_checkpoint
+from config import parse_config
 from tests.helpers import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,17 +35,17 @@ def read_jsonl(path):
 
 def test_unknown_and_bad_flags_are_rejected_with_the_closest_names():
     with pytest.raises(SystemExit, match="unknown option --group_szie; did you mean --group_size"):
-        train.parse_config(["--group_szie=4"])
+        parse_config(["--group_szie=4"])
     with pytest.raises(SystemExit, match="--lr='fast' is not a valid float"):
-        train.parse_config(["--lr=fast"])
+        parse_config(["--lr=fast"])
     with pytest.raises(SystemExit, match="loss_type='ppo' is not one of grpo, dapo, dr_grpo"):
-        train.parse_config(["--loss_type=ppo"])
-    with pytest.raises(SystemExit, match="expected --key=value"):
-        train.parse_config(["lr=1"])
+        parse_config(["--loss_type=ppo"])
+    with pytest.raises(SystemExit, match="expected --key=value or --key value"):
+        parse_config(["lr=1"])
     with pytest.raises(SystemExit, match="--eval_games=201 is more than the 200 held-out games the wordle task has"):
-        train.parse_config(["--task=wordle", "--eval_games=201"])
-    assert train.parse_config(["--task=wordle", "--eval_games=200"]).eval_games == 200
-    cfg = train.parse_config(["--beta=0.04", "--dynamic_sampling", "--overwrite=false", "--task=addition"])
+        parse_config(["--task=wordle", "--eval_games=201"])
+    assert parse_config(["--task=wordle", "--eval_games=200"]).eval_games == 200
+    cfg = parse_config(["--beta=0.04", "--dynamic_sampling", "--overwrite=false", "--task=addition"])
     assert cfg.beta == 0.04 and cfg.dynamic_sampling and not cfg.overwrite and cfg.task == "addition"
 
 
@@ -62,22 +67,22 @@ def test_unknown_and_bad_flags_are_rejected_with_the_closest_names():
 ])
 def test_every_bad_flag_is_refused_by_the_parser_naming_it(flag, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
-        train.parse_config([flag])
+        parse_config([flag])
 
 
 @pytest.mark.parametrize("flag", ["--prompts_per_step=3", "--sft_batch_size=1"])
 def test_shares_that_do_not_divide_across_processes_are_refused_before_any_process_starts(flag, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="must be multiples of the 2 processes"):
-        train.parse_config([flag])
+        parse_config([flag])
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit):
-        train.parse_config(["--help"])
+        parse_config(["--help"])
     out = capsys.readouterr().out
-    for f in train.dataclasses.fields(train.TrainConfig):  # GRPOConfig's knobs included
-        if f.name not in train.NOT_FLAGS:
+    for f in dataclasses.fields(config.TrainConfig):  # GRPOConfig's knobs included
+        if f.name not in config.NOT_FLAGS:
             assert f"--{f.name}=" in out
     assert "--top_k=" not in out and "--beta=0.04" in out and "--adv_eps=1e-06" in out
 
@@ -148,35 +153,35 @@ def test_resume_takes_the_runs_config_and_refuses_other_values(tmp_path):
     saved = (out / "config.json").read_text()
     with pytest.raises(SystemExit, match=r"(?s)these flags differ.*--lr: the run has 0.001, the command line 0.01"
                                          r".*--seed: the run has 1337, the command line 7"):
-        train.parse_config([f"--out_dir={out}", "--resume", "--lr=1e-2", "--seed=7"])
-    cfg = train.parse_config([f"--out_dir={out}", "--resume", "--lr=1e-3", "--threads=2"])
+        parse_config([f"--out_dir={out}", "--resume", "--lr=1e-2", "--seed=7"])
+    cfg = parse_config([f"--out_dir={out}", "--resume", "--lr=1e-3", "--threads=2"])
     assert cfg.lr == 1e-3 and cfg.n_embd == 32 and cfg.threads == 2  # the run's own values; threads may change
     assert (out / "config.json").read_text() == saved  # never overwritten
     assert train.main([f"--out_dir={out}", "--resume"]) is None  # finished: says so, does nothing
     assert (out / "config.json").read_text() == saved
     # a run made with --threads=1 resumes on one thread (another count rounds CPU sums differently)
     (out / "config.json").write_text(json.dumps({**json.loads(saved), "threads": 1}))
-    assert train.parse_config([f"--out_dir={out}", "--resume"]).threads == 1
-    assert train.parse_config([f"--out_dir={out}", "--resume", "--threads=2"]).threads == 2
+    assert parse_config([f"--out_dir={out}", "--resume"]).threads == 1
+    assert parse_config([f"--out_dir={out}", "--resume", "--threads=2"]).threads == 2
 
 
 def test_a_tasks_own_defaults_are_not_flags_given_to_a_resumed_run(tmp_path):
     # Wordle's TRAIN_DEFAULTS set lr=1e-4; a run made with --lr=3e-4 resumes with --task=wordle on the command
     # line as well as without it, and keeps its own 3e-4 (the default was not given, so it cannot differ).
     out = tmp_path / "run"
-    train.prepare_out_dir(train.parse_config(["--task=wordle", "--lr=3e-4", f"--out_dir={out}"]), rank=0)
+    prepare_out_dir(parse_config(["--task=wordle", "--lr=3e-4", f"--out_dir={out}"]), rank=0)
     for argv in ([f"--out_dir={out}", "--resume"], ["--task=wordle", f"--out_dir={out}", "--resume"]):
-        assert train.parse_config(argv).lr == 3e-4
+        assert parse_config(argv).lr == 3e-4
     with pytest.raises(SystemExit, match="--lr: the run has 0.0003, the command line 0.0001"):
-        train.parse_config(["--task=wordle", "--lr=1e-4", f"--out_dir={out}", "--resume"])
+        parse_config(["--task=wordle", "--lr=1e-4", f"--out_dir={out}", "--resume"])
 
 
 def test_a_tasks_default_that_is_not_a_flag_is_refused_naming_it(monkeypatch):
     from data import wordle
     monkeypatch.setattr(wordle, "TRAIN_DEFAULTS", {**wordle.TRAIN_DEFAULTS, "grpo_stpes": 10})
     with pytest.raises(SystemExit, match="data/wordle.py's TRAIN_DEFAULTS sets grpo_stpes, not a flag of train.py"):
-        train.parse_config(["--task=wordle"])
-    assert train.parse_config(["--task=addition"]).task == "addition"  # another task's defaults are not read
+        parse_config(["--task=wordle"])
+    assert parse_config(["--task=addition"]).task == "addition"  # another task's defaults are not read
 
 
 def corrupt(path, n=20, seed=0):
@@ -195,14 +200,14 @@ def test_a_corrupt_checkpoint_is_detected_and_the_one_before_it_is_used(tmp_path
     previous = torch.load(out / "ckpt.prev.pt", weights_only=True)
     assert previous["step"] == 2  # the last two are kept
     corrupt(out / "ckpt.pt")
-    with pytest.raises(train.CheckpointError, match="ckpt.pt is (corrupt: its contents do not match|not a readable)"):
-        train.read_checkpoint(str(out / "ckpt.pt"))
+    with pytest.raises(CheckpointError, match="ckpt.pt is (corrupt: its contents do not match|not a readable)"):
+        read_checkpoint(str(out / "ckpt.pt"))
     train.main(args + ["--resume"])
     assert "resuming from the one before it" in capsys.readouterr().out
     assert (out / "eval.json").exists()
     (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:5000])  # truncated
-    with pytest.raises(train.CheckpointError, match="not a readable checkpoint: truncated or corrupt") as e:
-        train.read_checkpoint(str(out / "ckpt.pt"))
+    with pytest.raises(CheckpointError, match="not a readable checkpoint: truncated or corrupt") as e:
+        read_checkpoint(str(out / "ckpt.pt"))
     assert "weights_only" not in str(e.value)
 
 
@@ -383,7 +388,7 @@ def test_a_lora_run_stopped_mid_grpo_resumes_to_the_uninterrupted_result(tmp_pat
 
 
 @pytest.mark.parametrize("flag,message", [("--lora_rank=33", "must be between 1 and the layer width n_embd=32"),
-                                          ("--lora_rank=-1", "lora_rank cannot be negative")])
+                                          ("--lora_rank=-1", "--lora_rank must be at least 0, got -1")])
 def test_bad_lora_ranks_stop_before_any_work(tmp_path, flag, message):
     with pytest.raises(SystemExit, match=message):
         train.main(TINY + [f"--out_dir={tmp_path / 'run'}", flag])
@@ -428,13 +433,14 @@ def test_the_greedy_player_runs_each_distinct_prompt_once_and_answers_each_as_if
     model = tiny_gpt(vocab_size=enc.n_vocab, dtype=torch.float32, block_size=40).eval()
     openings = [[], [("crane", "XYXXG")], [("crane", "XYXXG"), ("slate", "GXXXX")]]
     examples = [wordle.make_example("abbey", openings[i % 3]) for i in (0, 1, 0, 2, 2, 0, 1, 0)]
-    batches, real_sample = [], train.sample
-    monkeypatch.setattr(train, "sample", lambda model, prompts, **kw: batches.append(len(prompts)) or
+    batches, real_sample = [], data.sample
+    monkeypatch.setattr(data, "sample", lambda model, prompts, **kw: batches.append(len(prompts)) or
                         real_sample(model, prompts, **kw))
-    greedy = train.model_player(model, enc, wordle, 8, nullcontext())
+    task = data.load_task("wordle")
+    greedy = data.model_player(model, enc, task, 8, nullcontext())
     alone = [greedy([ex])[0] for ex in examples]
     batches.clear()
     assert greedy(examples) == alone and batches == [3]
     batches.clear()  # a sampled player draws every completion, the same prompt included
-    train.model_player(model, enc, wordle, 8, nullcontext(), 1.0, torch.Generator().manual_seed(0))(examples)
+    data.model_player(model, enc, task, 8, nullcontext(), 1.0, torch.Generator().manual_seed(0))(examples)
     assert batches == [8]
