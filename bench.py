@@ -138,8 +138,8 @@ def bench_sample(model, device, repeats, quick):
     if hf is not None:
         x = torch.tensor(prompts64, device=device)
         with torch.no_grad():
-            secs = timed(lambda: hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True, max_new_tokens=64,
-                                             min_new_tokens=64, pad_token_id=0), device, repeats)
+            secs = timed(lambda: hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True,
+                                             max_new_tokens=64, min_new_tokens=64, pad_token_id=0), device, repeats)
         out["hf_generate_64x1_tok_s"] = 64 * 64 / secs
     return out
 
@@ -329,9 +329,11 @@ def bench_trl(model, device, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="peak,sample,train,logprobs,grpo,trl,load", help="comma-separated sections")
+    parser.add_argument("--only", default="peak,sample,train,logprobs,grpo,trl,load",
+                        help="comma-separated sections")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast for sample, train, grpo)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32 or bfloat16 (autocast for sample, train, grpo)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, a shorter no-cache run")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for train")
     parser.add_argument("--model", default="reference", help="reference (6 x 6 x 384, vocab 512) or gpt2 "
@@ -351,7 +353,8 @@ def main():
     torch.manual_seed(0)
     model = GPT({"reference": REFERENCE, "gpt2": GPT2_SMALL}[args.model]).to(device).eval()
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-               "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
+               "torch": torch.__version__,
                "params_M": round(model.num_params() / 1e6, 2)}
     peak = bench_peak(device, dtype, repeats)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from config import TrainConfig
 from data import load_task, run_tokenizer
-from model import GPT, GPTConfig
+from hf import load_gpt2
+from model import GPT, GPTConfig, merge_lora
 
 
 def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
@@ -144,7 +145,8 @@ def truncate_logs(out_dir, stage, step):
 # Run folders
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "ckpt.prev.pt", "warm_start.pt")
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "ckpt.prev.pt",
+             "warm_start.pt")
 
 
 def prepare_out_dir(cfg, rank):
@@ -193,6 +195,39 @@ def load_run(run_dir, warm_start=False):
     model = GPT(config_from_dict(ckpt["model_config"]))
     load_state_dict_checked(model, ckpt["model"], source=run_dir)
     return model.eval(), run_tokenizer(load_task(cfg.task), cfg.init_from), cfg
+
+
+def load_model(init_from, vocab_size):
+    """--init_from: a GPT-2 directory (Hugging Face's layout), or a checkpoint of ours, whose LoRA adapters, if it
+    has any, are folded in (a plain model to start from). vocab_size is the run's tokenizer's."""
+    if os.path.isdir(init_from):
+        model = load_gpt2(init_from)
+        if model.config.vocab_size < vocab_size:
+            raise SystemExit(f"error: {init_from} has {model.config.vocab_size} token embeddings but its "
+                             f"tokenizer has {vocab_size} tokens")
+        return model
+    try:
+        ckpt = read_checkpoint(init_from)
+    except CheckpointError as e:
+        raise SystemExit(f"error: --init_from: {e}") from None
+    config = config_from_dict(ckpt["model_config"])
+    if config.vocab_size != vocab_size:
+        raise SystemExit(f"error: {init_from} was trained with a vocabulary of {config.vocab_size}, the task's "
+                         f"tokenizer has {vocab_size}")
+    model = GPT(config)
+    load_state_dict_checked(model, ckpt["model"], source=init_from)
+    return merge_lora(model) if config.lora_rank else model
+
+
+def logged_eval(out_dir, step):
+    """The logged evaluation at a step (a resumed run evaluated its warm start before it was killed)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        found = [json.loads(line) for line in f if line.strip()]
+    found = [r for r in found if r["stage"] == "eval" and r["step"] == step]
+    return {k: v for k, v in found[-1].items() if k not in ("stage", "step")} if found else None
 
 
 def load_state_dict_checked(model, state, source="checkpoint"):

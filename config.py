@@ -32,7 +32,7 @@ class TrainConfig(GRPOConfig):
     # task and run
     task: str = flag("addition", "a task module of data/ (addition is the default run)", "task and run")
     out_dir: str = flag("runs/default", "run folder", "task and run")
-    resume: bool = flag(False, "continue the run in out_dir from its checkpoint, as configured there", "task and run")
+    resume: bool = flag(False, "continue the run in out_dir from its checkpoint, as configured", "task and run")
     overwrite: bool = flag(False, "replace a finished or different run in out_dir", "task and run")
     init_from: str = flag("scratch", "scratch, a checkpoint of ours (.pt), or a local GPT-2 directory (HF layout)",
                           "task and run")
@@ -43,7 +43,7 @@ class TrainConfig(GRPOConfig):
     compile: bool = flag(False, "torch.compile the model's forward pass", "task and run")
     threads: int = flag(0, "CPU threads for torch; 0 keeps torch's default", "task and run", low=0)
     checkpoint_interval: int = flag(50, "steps between checkpoints, in either stage", "task and run", low=1)
-    wandb: bool = flag(False, "also log to Weights & Biases (needs wandb installed and configured)", "task and run")
+    wandb: bool = flag(False, "also log to Weights & Biases (needs wandb, installed and set up)", "task and run")
     # model (ignored when init_from loads one)
     n_layer: int = flag(4, "transformer blocks", "model", low=1)
     n_head: int = flag(4, "attention heads", "model", low=1)
@@ -83,7 +83,7 @@ class TrainConfig(GRPOConfig):
 
 
 GROUPS = ("task and run", "model", "warm start", "GRPO", "evaluation")  # --help's order: the run's own first
-NOT_FLAGS = ("stop_token", "pad_token", "top_k", "top_p")  # set from the tokenizer, or refused during GRPO
+NOT_FLAGS = ("stop_token", "pad_token")  # set from the tokenizer
 # No setting of the algorithm. --threads changes the rounding of CPU sums (one thread and two give different
 # runs), so a resume keeps the run's own count, and its wandb choice, unless the command line gives them.
 SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "threads", "wandb")
@@ -106,8 +106,8 @@ def parse_config(argv, usage=""):
         task = load_task(values.get("task", TrainConfig.task))
         not_flags = sorted(set(task.train_defaults) - set(known))
         if not_flags:
-            raise SystemExit(f"error: data/{task.name}.py's TRAIN_DEFAULTS sets {', '.join(not_flags)}, not a flag "
-                             f"of train.py")
+            raise SystemExit(f"error: data/{task.name}.py's TRAIN_DEFAULTS sets {', '.join(not_flags)}, not a "
+                             f"flag of train.py")
         reward_fns, weights = task.reward_functions()
         # The one place where defaults meet: the fields' own, the task's, the command line's.
         cfg = TrainConfig(**{"reward_weights": tuple(weights), **task.train_defaults, **values})
@@ -137,9 +137,9 @@ def parse_flags(argv, known):
             raise SystemExit(f"error: expected --key=value or --key value, got {arg!r}")
         key, has_value, raw = arg[2:].partition("=")
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            raise SystemExit(f"error: unknown option --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
-                                                                if close else "; see --help"))
+            close = ", ".join("--" + c for c in difflib.get_close_matches(key, known, n=3))
+            hint = f"did you mean {close}?" if close else "see --help"
+            raise SystemExit(f"error: unknown option --{key}; {hint}")
         kind = flag_type(known[key])
         next_is_value = i < len(argv) and not argv[i].startswith("--")
         if not has_value and kind is bool and not (next_is_value and argv[i].lower() in BOOLEANS):
@@ -156,7 +156,7 @@ def parse_flags(argv, known):
     return values
 
 
-BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+BOOLEANS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 def flag_type(f):

@@ -48,13 +48,13 @@ def lesson4():
     group = ["moist", "exist", "noise", "point", "voice", "mosit", "zzzzz", "the answer is moist"]
     completions = [wordle.completion(g) if len(g) == 5 else g for g in group]
     fns, weights = wordle.reward_functions()
-    table = torch.tensor(R.score(completions, [example] * len(group), fns), dtype=torch.float64)  # every reward
-    total = table @ torch.tensor(weights, dtype=torch.float64)
-    advantages = grpo.group_advantages(total.float(), len(group))
+    _, table = R.score(completions, [example] * len(group), fns)  # every reward, the ones weighted 0 too
+    total = torch.tensor([sum(w * v for w, v in zip(weights, row)) for row in table])
+    advantages = grpo.group_advantages(total, len(group))
     print(f"State: {history}; the answer is 'moist'. One group of {len(group)} completions for this prompt.\n")
     names = [f.__name__.removeprefix("wordle_") for f in fns]
     print(f"  {'completion':<24}" + "".join(f"{n:>14}" for n in names) + f"{'total':>8}{'advantage':>11}")
-    for c, row, t, a in zip(completions, table.tolist(), total.tolist(), advantages.tolist()):
+    for c, row, t, a in zip(completions, table, total.tolist(), advantages.tolist()):
         print(f"  {c:<24}" + "".join(f"{v:14.2f}" for v in row) + f"{t:8.2f}{a:11.2f}")
     print(f"\n  weights {dict(zip(names, weights))}: the default reward ranks not-a-word < ruled out (a repeat too)")
     print("  < could still be the answer < the answer; --reward_weights=0,0.2,0.3,0.5,1 trains on the course's.")

@@ -6,24 +6,19 @@ sampled them), score each with rewards r_i, and maximize
 
     J = E[ agg_{i,t} ( min( rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps_low, 1 + eps_high) A_i ) - beta D_{i,t} ) ]
 
-    rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})      per-token ratio
-    A_i       = (r_i - mean_j r_j) / (std_j r_j + eps)                                 group-relative advantage
-    D_{i,t}   = exp(ref - logp) - (ref - logp) - 1                                     k3 estimate of KL(pi || pi_ref)
+    rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})     per-token ratio
+    A_i       = (r_i - mean_j r_j) / (std_j r_j + eps)                             group-relative advantage
+    D_{i,t}   = exp(ref - logp) - (ref - logp) - 1                         k3 estimate of KL(pi || pi_ref)
 
 The group mean is the baseline: there is no value network (critic), which is what GRPO removes from PPO.
-The KL term to a frozen reference model is optional: beta = 0 keeps no reference model at all. For a LoRA
-policy (model.add_lora) the reference is the policy with its adapters off: pass reference=LORA_BASE.
+The KL term to a frozen reference model is optional: beta = 0 keeps no reference model at all. A LoRA policy
+(model.add_lora) needs none given: its reference is itself with the adapters off, no second copy of the weights.
 
-Every choice is one knob of GRPOConfig (and one flag of train.py):
-    scale_rewards     "group" (std of the group, above), "batch" (std of the whole batch), "none" (Dr. GRPO)
-    eps_low/eps_high  the clip range; 0.2/0.2 is PPO/GRPO, eps_high=0.28 is DAPO's "clip-higher"
-    beta              KL penalty weight; DeepSeekMath's 0.04 (DAPO, Dr. GRPO and TRL use 0)
-    loss_type         how token terms are averaged: "grpo" (per-sequence mean, then mean over sequences),
-                      "dapo" (mean over all tokens of the batch), "dr_grpo" (sum / (N * max_new_tokens))
-    importance_level  "token" (rho per token) or "sequence" (GSPO: one length-normalized ratio per sequence)
-    num_iterations    optimizer passes over each rollout batch (mu in the paper)
-    minibatch_size    rows per optimizer step within a pass (None: the whole batch, one step per pass)
-    dynamic_sampling, overlong_buffer, mask_truncated     DAPO's extras, off by default
+Every choice is one knob of GRPOConfig below (and one flag of train.py): the advantage's scaling (scale_rewards:
+Dr. GRPO's "none"), the clip range (eps_low, eps_high: DAPO's clip-higher), beta, how token terms are averaged
+(loss_type: "grpo" per sequence, DAPO's token mean, Dr. GRPO's constant), the ratio's level (importance_level:
+GSPO's "sequence"), the passes over a rollout (num_iterations, mu in the paper, and minibatch_size), and DAPO's
+dynamic sampling, overlong penalty and truncation mask (off by default).
 
 A trap worth knowing: with num_iterations = 1 and one minibatch, the policy being trained IS pi_old, so
 rho = 1 exactly, the clip never acts, and the gradient is REINFORCE with the group-mean baseline,
@@ -64,21 +59,20 @@ class GRPOConfig:
     TRAIN_DEFAULTS). train.py makes each one a flag; its help is below."""
     group_size: int = knob(8, "completions sampled per prompt (G)", low=1)
     max_new_tokens: int = knob(64, "completion length cap, tokens", low=1)
+    # No top-k or top-p: the ratio and the KL term score the model's full distribution (at the temperature), so
+    # the tokens must come from it; a truncated sampler's pi_old would be another distribution.
     temperature: float = knob(1.0, "sampling temperature, > 0; the log-probs use the same one")
-    scale_rewards: str = knob("group", "advantage scaling: group (std of the group), batch, or none (Dr. GRPO)",
-                              choices=SCALES)
+    scale_rewards: str = knob("group", "advantage scaling: group std, batch std, none (Dr. GRPO)", choices=SCALES)
     adv_eps: float = knob(1e-6, "added to the std before dividing", low=0)
     eps_low: float = knob(0.2, "clip range below 1: rho >= 1 - eps_low", low=0)
     eps_high: float = knob(0.2, "clip range above 1: rho <= 1 + eps_high (0.28 = DAPO's clip-higher)", low=0)
     beta: float = knob(0.04, "KL penalty weight (DeepSeekMath's); 0 keeps no reference model at all", low=0)
     loss_type: str = knob("grpo", "how token terms are averaged: grpo, dapo or dr_grpo", choices=LOSS_TYPES)
-    importance_level: str = knob("token", "token, or sequence (GSPO: one length-normalized ratio per sequence)",
-                                 choices=IMPORTANCE_LEVELS)
+    importance_level: str = knob("token", "token, or sequence (GSPO's ratio)", choices=IMPORTANCE_LEVELS)
     num_iterations: int = knob(2, "optimizer passes over each rollout (mu); at 1 the clip never acts", low=1)
     minibatch_size: Optional[int] = knob(None, "rows per optimizer step, a multiple of group_size; unset = all")
     max_grad_norm: float = knob(1.0, "gradient clipping; 0 = off", low=0)
-    reward_weights: Optional[tuple] = knob(None, "one weight per reward function, comma-separated; unset = the "
-                                                 "task's")
+    reward_weights: Optional[tuple] = knob(None, "one weight per reward function, comma-separated; the task's")
     dynamic_sampling: bool = knob(False, "DAPO: drop zero-spread groups and sample more prompts")
     max_sampling_rounds: int = knob(4, "cap on sampling rounds with dynamic_sampling", low=1)
     refill_factor: float = knob(1.0, "dynamic sampling: a later round samples this many times the groups "
@@ -86,11 +80,9 @@ class GRPOConfig:
     overlong_buffer: int = knob(0, "DAPO: soft length penalty over the last this-many tokens; 0 = off", low=0)
     mask_truncated: bool = knob(False, "DAPO: completions without a stop token are left out of the loss")
     logprob_chunk: int = knob(512, "rows of logits materialized at a time when computing log-probs", low=1)
-    # Set by the caller, not knobs: the tokenizer's ids, and truncated sampling, which GRPO refuses (below).
+    # Not knobs: the tokenizer's ids, set by the caller.
     stop_token: Optional[int] = None  # ends a completion (and counts in its mask)
     pad_token: int = 0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
 
     def __post_init__(self):
         check_knobs(self)
@@ -98,13 +90,6 @@ class GRPOConfig:
             raise ValueError(f"eps_low must be below 1 (the clip's floor is 1 - eps_low), got {self.eps_low}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be positive during GRPO, got {self.temperature}")
-        if self.top_k is not None or self.top_p is not None:
-            # The ratio and the KL term score tokens under the model's full distribution (at the temperature).
-            # Top-k/top-p tokens come from a truncated one, so pi_old would not be the sampler's distribution:
-            # with top_k=5 the full distribution put 0.21 of its mass where the sampler put all of it.
-            raise ValueError("top_k/top_p sampling is not supported during GRPO: the tokens would come from a "
-                             "truncated distribution while the ratio and the KL score the full one; use the "
-                             "temperature instead (top-k and top-p remain available to model.sample)")
         if self.minibatch_size is not None and (self.minibatch_size < 1 or self.minibatch_size % self.group_size):
             raise ValueError(f"minibatch_size={self.minibatch_size} must be a positive multiple of group_size="
                              f"{self.group_size}: minibatches hold whole groups (each prompt runs once per group)")
@@ -188,12 +173,10 @@ def loss_normalizer(mask, loss_type, max_completion_len):
 def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low=0.2, eps_high=0.2, beta=0.0,
               loss_type="grpo", importance_level="token", max_completion_len=None, normalizer=None):
     """The clipped GRPO surrogate, to minimize. logp, old_logp, ref_logp, mask: (N, T); advantages: (N,).
-    Returns (loss, stats); stats are detached floats for logging.
-
-    normalizer: what the summed objective is divided by (loss_normalizer); None counts these rows, with
-    max_completion_len defaulting to T. grpo_step passes the whole rollout's count (every process's) per
-    optimizer step, so that every sequence, or every token, weighs the same however the batch is split into
-    minibatches and processes."""
+    Returns (loss, stats); stats are detached floats for logging. normalizer: what the summed objective is
+    divided by (loss_normalizer); None counts these rows, with max_completion_len defaulting to T. grpo_step
+    passes the whole rollout's count per optimizer step, so that every sequence, or every token, weighs the same
+    however the batch is split into minibatches and processes."""
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp, the log-probs of the reference model")
     for name, value, valid in (("loss_type", loss_type, LOSS_TYPES), ("importance_level", importance_level,
@@ -248,18 +231,14 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low=0.2, e
 # ----------------------------------------------------------------------------------------------------------------
 # One whole GRPO iteration
 
-LORA_BASE = "lora base"  # reference=LORA_BASE: the KL reference is the policy with its LoRA adapters off
-
-
 def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, reference=None, generator=None,
               decode=None, refill=None, autocast=None):
     """One GRPO iteration: rollout -> advantages -> old and reference log-probs -> num_iterations passes of
     clipped-loss updates. Returns a dict of metrics (floats), the same keys on every step.
 
     policy: the GPT (under torch.distributed, wrapped in DistributedDataParallel). prompts: token lists; examples:
-    one per prompt, handed to the rewards as `reward(completion_text, example)`; decode: tokens -> text;
-    refill(n) -> (prompts, examples) for dynamic sampling; reference: the frozen model of the KL term, or
-    LORA_BASE for a LoRA policy."""
+    one per prompt, for `reward(completion_text, example)`; decode: tokens -> text; refill(n) -> (prompts,
+    examples) for dynamic sampling; reference: the KL term's frozen model (a LoRA policy's: its own base)."""
     model = policy.module if isinstance(policy, DistributedDataParallel) else policy  # the GPT itself
     check_step_arguments(policy, model, prompts, examples, config, reference)
     autocast = autocast or nullcontext()  # e.g. torch.autocast("cuda", dtype=torch.bfloat16)
@@ -289,41 +268,37 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
         if len(minibatches) > 1:
             old_logp = torch.cat([logprobs(model, samples, rows, config)[0] for rows in minibatches])
         if config.beta > 0:
-            with adapters_off(model) if reference == LORA_BASE else nullcontext():
-                frozen = model if reference == LORA_BASE else reference
+            with adapters_off(model) if reference is None else nullcontext():  # a LoRA policy's base
+                frozen = reference or model
                 ref_logp = torch.cat([logprobs(frozen, samples, rows, config)[0] for rows in minibatches])
 
     # 4. num_iterations passes of clipped-ratio updates over minibatches of the rollout.
     model.train()
     history = update_passes(policy, optimizer, samples, advantages, old_logp, ref_logp, minibatches, config,
                             autocast)
-    t2 = time.perf_counter()
-    return {**metrics, **update_metrics(history), "skipped": 0.0, "time_sample_s": t1 - t0, "time_learn_s": t2 - t1}
+    times = {"time_sample_s": t1 - t0, "time_learn_s": time.perf_counter() - t1}
+    return {**metrics, **update_metrics(history), "skipped": 0.0, **times}
 
 
 def rollout(model, prompts, examples, reward_fns, config, generator, decode):
-    """Sample a group per prompt and score it. Returns (samples, total rewards (N,), per-function rewards (N, F))."""
+    """Sample a group per prompt and score it: (samples, total rewards (N,), per-function rewards (N, F))."""
     samples = sample(model, prompts, max_new_tokens=config.max_new_tokens, group_size=config.group_size,
                      temperature=config.temperature, stop_token=config.stop_token, pad_token=config.pad_token,
                      generator=generator)
     row_examples = [ex for ex in examples for _ in range(config.group_size)]
     decode = decode or (lambda tokens: tokens)
     texts = [decode(tokens) for tokens in samples.completion_tokens(config.stop_token)]
-    table = torch.tensor(score(texts, row_examples, reward_fns, config.reward_weights), dtype=torch.float64)
-    total = table @ torch.tensor(config.reward_weights or [1.0] * len(reward_fns), dtype=torch.float64)
-    if not bool(total.float().isfinite().all()):
-        raise ValueError(f"the weighted reward overflows float32 (weights {config.reward_weights}, largest total "
-                         f"{total.abs().max().item():.3g})")
-    total = total.float().to(samples.tokens.device)
+    total, table = score(texts, row_examples, reward_fns, config.reward_weights)
+    total = torch.tensor(total, dtype=torch.float32, device=samples.tokens.device)
     if config.overlong_buffer > 0:
         lengths = samples.completion_mask.sum(1)
         total = total + overlong_penalty(lengths, config.max_new_tokens, config.overlong_buffer)
-    return samples, total, table.float()
+    return samples, total, torch.tensor(table, dtype=torch.float32)
 
 
 def logprobs(model, samples, rows, config, with_entropy=False):
-    """(log-probs, entropies or None) of the rollout's completion tokens in `rows` under `model` (the policy, its
-    DDP wrapper, or the reference), at the sampling temperature; each group's prompt runs once."""
+    """(log-probs, entropies or None) of the rollout's completions in `rows` under `model` (the policy, its DDP
+    wrapper, or the reference), at the sampling temperature."""
     return model(samples.tokens[rows], valid=samples.valid[rows], logprobs_from=samples.prompt_len,
                  temperature=config.temperature, group_size=config.group_size, with_entropy=with_entropy,
                  chunk_size=config.logprob_chunk)
@@ -354,7 +329,8 @@ def update_passes(policy, optimizer, samples, advantages, old_logp, ref_logp, mi
                 raise FloatingPointError(f"the GRPO loss is {loss.item()}; stats {stats}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # under DistributedDataParallel this also averages the gradients across processes
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm or math.inf).item()
+            max_norm = config.max_grad_norm or math.inf  # 0: no clipping, the norm only
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm).item()
             optimizer.step()
             keep = mask[rows] > 0
             stats.update(loss=loss.item(), grad_norm=grad_norm,
@@ -364,13 +340,12 @@ def update_passes(policy, optimizer, samples, advantages, old_logp, ref_logp, mi
 
 
 def check_step_arguments(policy, model, prompts, examples, config, reference):
-    if config.beta > 0 and reference is None:
-        raise ValueError("beta > 0 needs a reference model (a frozen copy of the starting policy)")
+    if config.beta > 0 and reference is None and not model.config.lora_rank:
+        raise ValueError("beta > 0 needs a reference model (a frozen copy of the starting policy), unless the "
+                         "policy has LoRA adapters (its reference is then itself with the adapters off)")
     if reference is model:
-        raise ValueError("the KL reference must be a frozen model, not the policy being trained; for a LoRA "
-                         "policy pass reference=grpo.LORA_BASE (the policy with its adapters off)")
-    if reference == LORA_BASE and not model.config.lora_rank:
-        raise ValueError("reference=LORA_BASE means 'the policy with its LoRA adapters off', but it has none")
+        raise ValueError("the KL reference must be a frozen model, not the policy being trained (a LoRA policy "
+                         "needs none: its reference is itself with the adapters off)")
     if len(prompts) != len(examples):
         raise ValueError(f"{len(prompts)} prompts but {len(examples)} examples")
     if world_size() > 1 and policy is model:
@@ -383,7 +358,11 @@ def check_step_arguments(policy, model, prompts, examples, config, reference):
 
 
 def rollout_metrics(samples, rewards, table, reward_fns, config):
-    everything = all_gather(torch.cat([rewards[:, None], table.to(rewards.device)], 1))  # (N * world, 1 + F)
+    everything = torch.cat([rewards[:, None], table.to(rewards.device)], 1)  # (N, 1 + F)
+    if world_size() > 1:  # every process's rollout: (N * world, 1 + F)
+        parts = [torch.empty_like(everything) for _ in range(world_size())]
+        dist.all_gather(parts, everything)
+        everything = torch.cat(parts)
     metrics = {"reward_mean": everything[:, 0].mean().item(),
                "reward_std": everything[:, 0].std().item() if len(everything) > 1 else 0.0,
                "zero_std_frac": 1.0 - has_spread(everything[:, 0], config.group_size).float().mean().item(),
@@ -445,8 +424,8 @@ def keep_groups_with_spread(samples, rewards, wanted, model, reward_fns, config,
 
 # ----------------------------------------------------------------------------------------------------------------
 # Across processes. Each process samples its own prompts and DistributedDataParallel averages the gradients; the
-# algorithm reduces only what every process must agree on: the loss normalizer's count, dynamic sampling's
-# decisions, and the rollout's logged reward figures. One process: the value itself.
+# algorithm reduces only what every process must agree on: the loss normalizer's count and dynamic sampling's
+# decisions (all_reduce), and the logged reward figures (rollout_metrics gathers every process's rewards).
 
 
 def world_size():
@@ -460,12 +439,3 @@ def all_reduce(value, op="sum"):
     t = torch.tensor(float(value), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
     return t.item()
-
-
-def all_gather(tensor):
-    """Every process's tensor (all the same shape), concatenated along dim 0 in rank order: the logged rewards."""
-    if world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)

@@ -3,13 +3,12 @@ A GPT-2 in one file, plus the two things GRPO spends its time on:
 
 1. `sample`: a group of completions per prompt, with a KV cache. Each prompt is prefilled once, its cache is
    copied to `group_size` rows, and every row then draws its own tokens (its first token included).
-2. `GPT.logprobs`: log pi(token) of given completion tokens, computed in chunks of rows with a backward pass
-   that recomputes the logits, so the (B, T, V) float32 log-softmax never exists at once. The model's own
-   forward returns them (`model(tokens, logprobs_from=start)`), so DistributedDataParallel, which wraps forward,
-   averages their gradients.
+2. `GPT.logprobs`: log pi(token) of given completion tokens, in chunks of rows with a backward pass that
+   recomputes the logits, so the (B, T, V) float32 log-softmax never exists at once. The forward returns them
+   (`model(tokens, logprobs_from=start)`), so DistributedDataParallel, which wraps forward, averages gradients.
 
-Parameter names follow GPT-2 (`transformer.wte/wpe/h/ln_f`, `attn.c_attn/c_proj`, `mlp.c_fc/c_proj`,
-`lm_head`), so a Hugging Face GPT-2 state dict maps one to one (hf.py reads and writes those files).
+Parameter names follow GPT-2 (`transformer.wte/wpe/h/ln_f`, `attn.c_attn/c_proj`, `mlp.c_fc/c_proj`, `lm_head`),
+so a Hugging Face GPT-2 state dict maps one to one (hf.py reads and writes those files).
 
 Prompts of different lengths are left-padded. `valid` (B, T) marks the real tokens: padding is hidden from
 attention and does not advance the position ids, so a padded row computes exactly what it would alone.
@@ -156,15 +155,14 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, *, valid=None, cache=None, logprobs_from=None, temperature=1.0,
-                group_size=1, with_entropy=False, chunk_size=512):
+    def forward(self, idx, targets=None, *, valid=None, cache=None, logprobs_from=None, **logprob_options):
         """(logits (B, T, V), loss): loss is the mean cross-entropy over targets != -1, else None.
 
-        With logprobs_from=s it returns self.logprobs(idx, s, ...) instead: the per-token log-probs that training
-        differentiates, so that a DistributedDataParallel wrapper (it hooks forward) averages their gradients."""
+        With logprobs_from=s it returns self.logprobs(idx, s, valid=valid, **logprob_options) instead: the
+        per-token log-probs that training differentiates, so that a DistributedDataParallel wrapper (it hooks
+        forward) averages their gradients."""
         if logprobs_from is not None:
-            return self.logprobs(idx, logprobs_from, valid=valid, temperature=temperature, group_size=group_size,
-                                 with_entropy=with_entropy, chunk_size=chunk_size)
+            return self.logprobs(idx, logprobs_from, valid=valid, **logprob_options)
         logits = self.lm_head(self.hidden_states(idx, valid, cache))
         loss = None
         if targets is not None:
@@ -252,8 +250,7 @@ class Samples:
 
     @staticmethod
     def cat(parts):
-        """One Samples from several (rounds of dynamic sampling): prompts padded on the left to the widest,
-        completions on the right to the longest."""
+        """One Samples from several (dynamic sampling's rounds), prompts left-padded, completions right-padded."""
         width = max(s.prompt_len for s in parts)
         length = max(s.completion.size(1) for s in parts)
         tokens, valid, masks = [], [], []
@@ -356,7 +353,7 @@ def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top
 
 
 class ChunkedLogprob(torch.autograd.Function):
-    """logp[n] = (h[n] @ W.T / temperature)[target[n]] - logsumexp(h[n] @ W.T / temperature), over row chunks.
+    """logp[n] = (h[n] @ W.T / temperature)[target[n]] - logsumexp(h[n] @ W.T / temperature), over row chunks:
     apply(h (N, C), weight (V, C), target (N,), temperature, chunk, with_entropy) -> (logp (N,), entropy).
 
     The backward recomputes each chunk's logits instead of saving them: memory is O(chunk * V), not O(N * V).

@@ -5,8 +5,9 @@ Reward functions: pure, `reward(completion, example) -> float`, never raising, a
 dict with the answer, the game so far and the word lists). Each function's docstring has worked examples; the
 same cases are a parametrized table in tests/test_rewards.py.
 
-Sections: generic helpers (length penalty, weighted combination, `score`: every function on a batch, checked), Wordle (the course's running example:
-format, use of feedback, information gain, win, partial credit), addition (the toy task for fast tests),
+Sections: generic helpers (length penalty, weighted combination, `score`: every function on a batch, checked),
+Wordle (the course's running example: its rules, then format, use of feedback, information gain, win, partial
+credit), addition (the toy task for fast tests),
 Countdown (a safe arithmetic parser: model output is parsed, never eval'd), and the quiz reward for summaries.
 No torch and no model here: the LLM-as-judge reward, which runs a model, lives with the task that uses it
 (data/summary.py).
@@ -50,12 +51,13 @@ def combine(weighted, name="combined"):
 
 
 def score(completions, examples, reward_fns, weights=None):
-    """Every reward function on every completion, checked: a list of one row per completion, one float per
-    function (0.0 for a function weighted 0, which is not even run). A function with `fn.batched = True` takes
-    (completions, examples) and returns a list or tuple of one value per completion. A reward function that
-    raises, or returns anything but a real number that is finite in float32, stops the run with its name and
-    the completion: a silently wrong reward trains a silently wrong model.
-        score(["ab"], [None], [lambda c, ex: len(c), lambda c, ex: 1]) == [[2.0, 1.0]]"""
+    """Every reward function on every completion, checked: (the weighted total of each completion, and a table
+    of one row per completion, one float per function, 0.0 for a function weighted 0, which is not even run).
+    A function with `fn.batched = True` takes (completions, examples) and returns a list or tuple of one value
+    per completion. A reward function that raises, or returns anything but a real number that is finite in
+    float32, stops the run with its name and the completion: a silently wrong reward trains a silently wrong
+    model; so does a weighted total beyond float32.
+        score(["ab"], [None], [lambda c, ex: len(c), lambda c, ex: 1], [0.5, 1]) == ([2.0], [[2.0, 1.0]])"""
     weights = [1.0] * len(reward_fns) if weights is None else list(weights)
     if len(weights) != len(reward_fns):
         raise ValueError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")
@@ -78,7 +80,11 @@ def score(completions, examples, reward_fns, weights=None):
                 raise ValueError(f"reward function {name} returned {value!r} (a number finite in float32 is "
                                  f"required) on completion {completion!r}")
             table[i][j] = float(value)
-    return table
+    totals = [sum(w * v for w, v in zip(weights, row)) for row in table]
+    if not all(abs(t) <= FLOAT32_MAX for t in totals):
+        raise ValueError(f"the weighted reward overflows float32 (weights {weights}, largest total "
+                         f"{max(map(abs, totals)):.3g})")
+    return totals, table
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -102,7 +108,8 @@ GUESS_RE = re.compile(r"<guess>\s*([^<>\s]*)\s*</guess>", re.IGNORECASE)
 
 def parse_guess(completion):
     """The word between the last <guess> and </guess> tags, lower-cased, or None. Never raises.
-        "<guess>crane</guess>" -> "crane";  "<think>x</think><guess> Slate </guess>" -> "slate";  "crane" -> None"""
+        "<guess>crane</guess>" -> "crane";  "<think>x</think><guess> Slate </guess>" -> "slate"
+        "crane" -> None"""
     if not isinstance(completion, str):
         return None
     found = GUESS_RE.findall(completion[-2000:])  # a guess is near the end; bounded work on huge strings

@@ -65,7 +65,8 @@ def parse(argv):
             try:
                 options[key] = type(OPTIONS[key])(value)
             except ValueError:
-                raise SystemExit(f"error: --{key}={value!r} is not a valid {type(OPTIONS[key]).__name__}") from None
+                kind = type(OPTIONS[key]).__name__
+                raise SystemExit(f"error: --{key}={value!r} is not a valid {kind}") from None
         else:
             prompts.append(arg)
     if options["n"] < 1 or options["num_samples"] < 1 or options["temperature"] < 0:

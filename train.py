@@ -27,14 +27,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import grpo
-from checkpoint import (CheckpointError, atomic_save, config_from_dict, latest_checkpoint, load_checkpoint,
-                        load_state_dict_checked, prepare_out_dir, read_checkpoint, save_checkpoint, truncate_logs,
-                        warm_start_path)
+from checkpoint import (CheckpointError, atomic_save, latest_checkpoint, load_checkpoint, load_model,
+                        load_state_dict_checked, logged_eval, prepare_out_dir, read_checkpoint, save_checkpoint,
+                        truncate_logs, warm_start_path)
 from config import TrainConfig, parse_config
 from data import load_task, model_player, run_tokenizer
 from data.tokenizer import end_and_pad
-from hf import load_gpt2
-from model import GPT, GPTConfig, add_lora, check_lora_rank, merge_lora, pad_left
+from model import GPT, GPTConfig, add_lora, check_lora_rank, pad_left
 
 
 def main(argv):
@@ -50,7 +49,7 @@ def main(argv):
         warm_start(run, model, state)
         evals["warm start"] = begin_grpo(run, model, state)
     else:  # resumed in stage 2: the warm start was evaluated before the run stopped
-        evals["warm start"] = previous_eval(cfg.out_dir, step=0)
+        evals["warm start"] = logged_eval(cfg.out_dir, step=0)
     if cfg.grpo_steps:  # with --grpo_steps=0 the run is the warm start, and its evaluation is the last one
         train_grpo(run, model, state)
         evals["GRPO"] = evaluate_and_log(run, model, step=cfg.grpo_steps)
@@ -90,11 +89,22 @@ class State:
 
 
 def setup(cfg):
-    rank, world = setup_distributed(cfg)
+    """Processes (torchrun sets RANK and WORLD_SIZE: one process per device, gloo on CPU, nccl on CUDA), the
+    device (auto: cuda > mps > cpu), bf16 autocast where asked (auto: on CUDA), the run folder and the task."""
+    rank, world = 0, 1
+    device = cfg.device if cfg.device != "auto" else \
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg)
-    autocast, dtype = pick_autocast(cfg, device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else \
+        "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=torch.bfloat16)
     prepare_out_dir(cfg, rank)
     if dist.is_initialized():
         dist.barrier()  # rank 0 has checked and prepared the run folder
@@ -110,7 +120,11 @@ def new_model(run):
     """The policy: new or from --init_from, on the run's device, compiled if asked."""
     cfg = run.cfg
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, run.enc.n_vocab)
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=run.enc.n_vocab, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd))
+    else:  # a checkpoint of ours (LoRA adapters merged in), or a GPT-2 directory (setup gave us its tokenizer)
+        model = load_model(cfg.init_from, run.enc.n_vocab)
     if cfg.lora_rank:
         try:
             check_lora_rank(cfg.lora_rank, model.config)  # now, not after the warm start
@@ -122,8 +136,9 @@ def new_model(run):
     if cfg.compile:
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)  # state_dict keys stay unprefixed
     if run.rank == 0:
-        print(f"task {cfg.task} | device {run.device} ({run.dtype}) x{run.world} | {model.num_params() / 1e6:.2f}M "
-              f"parameters + {model.transformer.wte.weight.numel() / 1e6:.2f}M embedding | vocab {run.enc.n_vocab}")
+        params, embedding = model.num_params() / 1e6, model.transformer.wte.weight.numel() / 1e6
+        print(f"task {cfg.task} | device {run.device} ({run.dtype}) x{run.world} | {params:.2f}M parameters + "
+              f"{embedding:.2f}M embedding | vocab {run.enc.n_vocab}")
     return model
 
 
@@ -272,13 +287,11 @@ def train_grpo(run, model, state):
 
 
 def kl_reference(run, model):
-    """The KL term's reference: none at beta = 0 (no second model exists at all), the LoRA policy's own base
-    (adapters off), or the frozen warm-start model."""
+    """The KL term's reference: the frozen warm-start model; none at beta = 0 (no second model exists at all) or
+    for a LoRA policy, whose reference is its own base (grpo_step turns its adapters off)."""
     cfg = run.cfg
-    if cfg.beta == 0:
+    if cfg.beta == 0 or cfg.lora_rank:
         return None
-    if cfg.lora_rank:
-        return grpo.LORA_BASE
     reference = GPT(model.config).to(run.device).eval().requires_grad_(False)
     try:
         load_state_dict_checked(reference, read_checkpoint(warm_start_path(cfg))["model"],
@@ -323,7 +336,8 @@ def evaluate_and_log(run, model, step):
         log(run, {"stage": "eval", "step": step, **summary},
             f"eval @ {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
         with open(os.path.join(run.cfg.out_dir, "samples.jsonl"), "a") as f:
-            f.write(json.dumps({"stage": "samples", "step": step, "transcripts": result.get("transcripts", [])}) + "\n")
+            record = {"stage": "samples", "step": step, "transcripts": result.get("transcripts", [])}
+            f.write(json.dumps(record) + "\n")
     if dist.is_initialized():
         dist.barrier()
     return result
@@ -347,50 +361,8 @@ def final_table(run, evals):
         print(f"{name:<{width}}  " + "  ".join(cells))
 
 
-def previous_eval(out_dir, step):
-    """The logged evaluation at a step (a resumed run evaluated its warm start before it was killed)."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        found = [json.loads(line) for line in f if line.strip()]
-    found = [r for r in found if r["stage"] == "eval" and r["step"] == step]
-    return {k: v for k, v in found[-1].items() if k not in ("stage", "step")} if found else None
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Machinery: processes and devices, the model and its optimizer, checkpoints and logs
-
-
-def setup_distributed(cfg):
-    """torchrun sets RANK and WORLD_SIZE: then one process per device (gloo on CPU, nccl on CUDA)."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def pick_device(cfg):
-    if cfg.device != "auto":
-        return torch.device(f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" and dist.is_initialized()
-                            else cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_autocast(cfg, device):
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
-        return nullcontext(), dtype
-    return torch.autocast(device.type, dtype=torch.bfloat16), dtype
+# Machinery: data parallel, the optimizer, checkpoints and logs
 
 
 def data_parallel(model, run):
@@ -399,32 +371,6 @@ def data_parallel(model, run):
     if run.world == 1:
         return model
     return DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-
-
-def build_model(cfg, vocab_size):
-    """A new GPT, or one loaded from a checkpoint of ours or a GPT-2 directory. Its shape is model.config."""
-    if cfg.init_from == "scratch":
-        return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd))
-    if os.path.isdir(cfg.init_from):  # a GPT-2 in the Hugging Face layout; setup gave us its tokenizer
-        model = load_gpt2(cfg.init_from)
-        if model.config.vocab_size < vocab_size:
-            raise SystemExit(f"error: {cfg.init_from} has {model.config.vocab_size} token embeddings but its "
-                             f"tokenizer has {vocab_size} tokens")
-        return model
-    try:
-        ckpt = read_checkpoint(cfg.init_from)
-    except CheckpointError as e:
-        raise SystemExit(f"error: --init_from: {e}") from None
-    config = config_from_dict(ckpt["model_config"])
-    if config.vocab_size != vocab_size:
-        raise SystemExit(f"error: {cfg.init_from} was trained with a vocabulary of {config.vocab_size}, the task's "
-                         f"tokenizer has {vocab_size}")
-    model = GPT(config)
-    load_state_dict_checked(model, ckpt["model"], source=cfg.init_from)
-    if config.lora_rank:  # a LoRA run's result: fold its adapters in and start from the plain model
-        merge_lora(model)
-    return model
 
 
 def make_optimizer(model, lr, weight_decay):

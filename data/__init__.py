@@ -64,8 +64,7 @@ class Task:
 
 def task_names():
     """Every module in data/ that has the task interface: a new file here is a new --task."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    names = [m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_")]
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
     return [name for name in names if all(hasattr(importlib.import_module(f"data.{name}"), a) for a in REQUIRED)]
 
 
@@ -107,7 +106,7 @@ def mean_rewards(task, player, n, keep_games=0):
     examples = task.evaluation_examples(n)
     texts = player(examples)
     fns, weights = task.reward_functions()
-    table = score(texts, examples, fns)  # every reward, the ones weighted 0 included
+    _, table = score(texts, examples, fns)  # every reward, the ones weighted 0 included
     result = {"games": n, "reward": sum(sum(w * v for w, v in zip(weights, row)) for row in table) / n}
     result.update({f"reward_{fn.__name__}": sum(row[j] for row in table) / n for j, fn in enumerate(fns)})
     if keep_games:

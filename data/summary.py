@@ -236,7 +236,7 @@ def judge_demo(steps=200, n=200):
     judge, grade_tokens = train_judge(steps)
     reward = judge_reward(judge, grade_tokens)
     examples = evaluation_examples(n)
-    print(f"\n  {'player':<6} {'judge':>7} {'rubric':>7} {'quiz':>7}   on {n} held-out documents (all scaled to 0..1)")
+    print(f"\n  {'player':<6} {'judge':>7} {'rubric':>7} {'quiz':>7}   on {n} held-out documents (scaled to 0..1)")
     for name, player in reference_players(random.Random(0)).items():
         texts = player(examples)
         judged = sum(reward(texts, examples)) / n

@@ -26,7 +26,8 @@ import tiktoken.load
 # Like GPT-2's pre-tokenizer, with ASCII classes spelled out so Python's `re` (the trainer) and tiktoken's
 # regex engine split every string identically. Digits stand alone, so numbers tokenize digit by digit, and
 # tags such as <guess> and </think> stay whole, so BPE can make each of them one token.
-PATTERN = r"""</?[a-z]+>|'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]| ?[^ \t\r\nA-Za-z0-9]+|[ \t\r\n]+(?![^ \t\r\n])|[ \t\r\n]+"""
+PATTERN = (r"""</?[a-z]+>|'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]| ?[^ \t\r\nA-Za-z0-9]+"""
+           r"""|[ \t\r\n]+(?![^ \t\r\n])|[ \t\r\n]+""")
 SPECIAL_TOKENS = ("<|begin|>", "<|end|>", "<|pad|>")
 
 

@@ -118,7 +118,8 @@ def build_lists(dict_dir):
                 or (w.endswith("ed") and (w[:-1] in lexicon or w[:-2] in lexicon))
                 or (w.endswith("ied") and w[:-3] + "y" in lexicon))
 
-    answers = sorted(w for w in five_letter("american-english-small") if not inflected(w) and not roman.fullmatch(w))
+    small = five_letter("american-english-small")
+    answers = sorted(w for w in small if not inflected(w) and not roman.fullmatch(w))
     allowed = sorted(five_letter("american-english-large") | set(answers))
     shuffled = answers[:]
     random.Random(SPLIT_SEED).shuffle(shuffled)
@@ -140,7 +141,7 @@ def prompt(example):
     """Five lines, one per earlier turn, every letter followed by its mark ("cXrXaGnXeY"); the turns not played
     yet come first, as dots. The layout never moves: letter i of the k-th line before the guess, and letter i
     of the guess, sit at the same positions in every prompt (no padding either)."""
-    lines = ["".join(f"{letter}{mark}" for letter, mark in zip(guess, fb)) + "\n" for guess, fb in example["history"]]
+    lines = ["".join(letter + mark for letter, mark in zip(guess, fb)) + "\n" for guess, fb in example["history"]]
     return "<|begin|>" + EMPTY_LINE * (MAX_TURNS - 1 - len(lines)) + "".join(lines)
 
 

@@ -251,18 +251,17 @@ def test_score_weights_and_validates_reward_functions():
     def boom(c, ex):
         raise KeyError("x")
 
-    assert score(["ab", "abcd"], [None, None], [length, const], weights=(0.5, 1.0)) == [[2.0, 2.0], [4.0, 2.0]]
-    assert score(["ab"], [None], [length, boom], weights=(1.0, 0.0)) == [[2.0, 0.0]]  # weighted 0: never run
-    # the rollout weighs the table in float64: 0.5 * length + 1.0 * const
+    total, table = score(["ab", "abcd"], [None, None], [length, const], weights=(0.5, 1.0))
+    assert total == [3.0, 4.0] and table == [[2.0, 2.0], [4.0, 2.0]]
+    assert score(["ab"], [None], [length, boom], weights=(1.0, 0.0)) == ([2.0], [[2.0, 0.0]])  # 0: never run
+    with pytest.raises(ValueError, match="the weighted reward overflows float32"):
+        score(["x"], [None], [lambda c, ex: 3e38, const], weights=(1e30, 1.0))
+    # the rollout's rewards: the weighted totals, and the table, in float32
     config = GRPOConfig(group_size=4, max_new_tokens=5, reward_weights=(0.5, 1.0), beta=0.0)
     _, total, table = grpo.rollout(tiny_gpt(dtype=torch.float32), [[1, 2], [3]], [None, None], [length, const],
                                    config, torch.Generator().manual_seed(0), None)
-    assert table.shape == (8, 2)
+    assert table.shape == (8, 2) and total.dtype == table.dtype == torch.float32
     torch.testing.assert_close(total, 0.5 * table[:, 0] + table[:, 1])
-    huge = GRPOConfig(group_size=4, max_new_tokens=5, reward_weights=(1e30, 1e30), beta=0.0)
-    with pytest.raises(ValueError, match="the weighted reward overflows float32"):
-        grpo.rollout(tiny_gpt(dtype=torch.float32), [[1, 2]], [None], [lambda c, ex: 3e38, const], huge,
-                     torch.Generator().manual_seed(0), None)
 
     with pytest.raises(RuntimeError, match=r"reward function boom raised KeyError.*'abcd'"):
         score(["abcd"], [None], [boom])

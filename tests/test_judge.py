@@ -87,8 +87,8 @@ def test_a_judge_trained_to_prefer_a_pattern_grades_by_it():
     good, bad = reward(["aaaaa", "abaaa"], ["h", "h"]), reward(["bbbbb", "bcbcb"], ["h", "h"])
     assert min(good) > 0.8 and max(bad) < 0.2
     # and through rewards.score, as a batched reward function next to a per-completion one
-    table = score(["aaaaa", "bbbbb"], ["h", "h"], [reward, lambda c, ex: float(len(c))], [1.0, 0.5])
-    assert [row[1] for row in table] == [5.0, 5.0]
+    total, table = score(["aaaaa", "bbbbb"], ["h", "h"], [reward, lambda c, ex: float(len(c))], [1.0, 0.5])
+    assert total == pytest.approx([table[0][0] + 2.5, table[1][0] + 2.5])
     assert table[0][0] > 0.8 and table[1][0] < 0.2
 
 

@@ -1,15 +1,19 @@
+import json
 import os
+import pathlib
 import random
 from itertools import permutations, product
 
 import pytest
 
+import data
 from config import TrainConfig
 from data import addition, countdown, load_task, summary, task_names, wordle
 from rewards import evaluate_expression, is_consistent, parse_guess, quiz_reward, wordle_feedback
 from tests.reference import wordle_feedback_by_counting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT_DIR = pathlib.Path(ROOT)
 
 
 def test_word_lists_are_clean_and_split():
@@ -306,3 +310,22 @@ def test_a_completion_made_of_marked_letter_tokens_is_scored_not_parsed_as_a_gue
     scores = {fn.__name__: fn(text, example) for fn in fns}
     assert scores["wordle_guess"] == -1.0 and scores["wordle_win"] == 0.0
     assert all(isinstance(v, float) and v == v for v in scores.values())
+
+
+def test_a_task_module_dropped_into_data_is_found_and_trains(tmp_path, monkeypatch):
+    """data/reverse.py is the README's example of a whole task: under 40 lines, found by name, and GRPO raises its
+    reward above the warm start's, greedy and sampled. A copy under another name, in another folder on data's
+    path, is a task too: nothing lists the tasks by hand."""
+    source = (ROOT_DIR / "data" / "reverse.py").read_text()
+    assert len(source.splitlines()) <= 40
+    (tmp_path / "backwards.py").write_text(source)
+    monkeypatch.setattr(data, "__path__", [*data.__path__, str(tmp_path)])
+    assert "backwards" in task_names()
+    import train
+    out = tmp_path / "run"
+    train.main(["--task=backwards", "--n_layer=2", "--n_head=2", "--n_embd=64", "--sft_steps=150", "--grpo_steps=40",
+                "--eval_interval=40", "--eval_games=100", "--threads=1", "--reference_players=false",
+                f"--out_dir={out}"])
+    table = json.loads((out / "eval.json").read_text())
+    for key in ("reward", "sampled_reward"):
+        assert table["GRPO"][key] > table["warm start"][key], (key, table)

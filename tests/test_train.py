@@ -87,6 +87,36 @@ def test_help_lists_every_flag_with_its_default(capsys):
     assert "--top_k=" not in out and "--beta=0.04" in out and "--adv_eps=1e-06" in out
 
 
+def test_flags_take_their_value_after_a_space_too():
+    cfg = parse_config(["--beta", "0.1", "--group_size", "4", "--dynamic_sampling", "--overwrite", "false",
+                        "--lr=1e-4", "--reward_weights", "1,0.5"])
+    assert (cfg.beta, cfg.group_size, cfg.dynamic_sampling, cfg.overwrite, cfg.lr) == (0.1, 4, True, False, 1e-4)
+    assert cfg.reward_weights == (1.0, 0.5)
+    assert parse_config(["--resume=false", "--task", "countdown"]).task == "countdown"
+    with pytest.raises(SystemExit, match="--beta needs a value: --beta=VALUE or --beta VALUE"):
+        parse_config(["--beta"])
+    with pytest.raises(SystemExit, match="--beta needs a value"):
+        parse_config(["--beta", "--lr=1"])
+    with pytest.raises(SystemExit, match="--beta='' is not a valid float"):
+        parse_config(["--beta="])
+    with pytest.raises(SystemExit, match="expected --key=value or --key value, got 'maybe'"):
+        parse_config(["--dynamic_sampling", "maybe"])  # a boolean alone, then a stray word
+
+
+def test_help_groups_the_flags_with_the_runs_own_first_in_aligned_columns(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    out = capsys.readouterr().out
+    headings = [out.index(f"\n{group}:\n") for group in config.GROUPS]
+    assert headings == sorted(headings) and config.GROUPS[0] == "task and run"
+    lines = [line for line in out.splitlines() if line.startswith("  --")]
+    columns = {line.index("  ", 4) + len(line[line.index("  ", 4):]) - len(line[line.index("  ", 4):].lstrip())
+               for line in lines}
+    assert len(columns) == 1  # every help text starts in the same column
+    grpo_part = out[out.index("\nGRPO:\n"):out.index("\nevaluation:\n")]
+    assert "--beta=0.04" in grpo_part and "--lr=0.0003" in grpo_part and "--task=" not in grpo_part
+
+
 def test_end_to_end_run_writes_metrics_eval_samples_and_config(tmp_path):
     out = tmp_path / "run"
     result = run_train(TINY + [f"--out_dir={out}"])
@@ -327,7 +357,7 @@ def test_grpo_starts_with_a_fresh_optimizer(tmp_path):
 
 
 def test_top_k_and_negative_clip_ranges_are_refused_before_any_work():
-    with pytest.raises(ValueError, match="top_k/top_p sampling is not supported during GRPO"):
+    with pytest.raises(TypeError, match="top_k"):  # GRPO samples the full distribution that the ratio scores
         grpo.GRPOConfig(top_k=5)
     with pytest.raises(ValueError, match="eps_low must be a finite number >= 0"):
         grpo.GRPOConfig(eps_low=-0.1)
