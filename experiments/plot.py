@@ -9,6 +9,7 @@ Runs are grouped by their config.json minus the seed and run folder, so seeds of
 (mean, standard deviation, min and max) and one colour in the plot.
 """
 
+import gzip
 import json
 import os
 import statistics
@@ -16,7 +17,9 @@ import sys
 
 
 def load(run):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
+    path = os.path.join(run, "metrics.jsonl")
+    opener = (gzip.open, path + ".gz") if not os.path.exists(path) else (open, path)  # kept runs are gzipped
+    with opener[0](opener[1], "rt") as f:
         records = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
