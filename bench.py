@@ -138,8 +138,10 @@ def bench_sample(model, device, repeats, quick):
     if hf is not None:
         x = torch.tensor(prompts64, device=device)
         with torch.no_grad():
-            secs = timed(lambda: hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True,
-                                             max_new_tokens=64, min_new_tokens=64, pad_token_id=0), device, repeats)
+            def generate():
+                return hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True, max_new_tokens=64,
+                                   min_new_tokens=64, pad_token_id=0)
+            secs = timed(generate, device, repeats)
         out["hf_generate_64x1_tok_s"] = 64 * 64 / secs
     return out
 

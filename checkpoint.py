@@ -7,16 +7,20 @@ is read. Saving renames the previous checkpoint to ckpt.prev.pt, so a corrupt ck
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import time
+import uuid
 
 import torch
 import torch.distributed as dist
 
-from config import TrainConfig
-from data import load_task, run_tokenizer
-from hf import load_gpt2
+from config import read_run_config
+from data import load_task, task_names
+from data.tokenizer import gpt2_encoding
+from hf import exported_task, load_gpt2
 from model import GPT, GPTConfig, merge_lora
 
 
@@ -35,12 +39,36 @@ def save_checkpoint(path, model, optimizer, cfg, stage, step, rng, generator):
 
 
 def atomic_save(obj, path, keep_previous=False):
-    """torch.save with a checksum of everything in obj, written to a temporary file and renamed over path (a
-    kill mid-write leaves the previous file intact); keep_previous keeps the file it replaces as *.prev.pt."""
-    torch.save({**obj, "sha256": digest(obj)}, path + ".tmp")
+    """torch.save with a checksum of everything in obj, written to a temporary file, flushed to the disk and
+    renamed over path (a kill or a power cut mid-write leaves the previous file intact); keep_previous keeps the
+    file it replaces as *.prev.pt."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save({**obj, "sha256": digest(obj)}, f)
+        f.flush()
+        os.fsync(f.fileno())
     if keep_previous and os.path.exists(path):
         os.replace(path, previous(path))
     os.replace(path + ".tmp", path)
+    sync_folder(path)
+
+
+def atomic_write(path, text):
+    """A text file replaced whole or not at all: written beside, flushed to the disk, renamed over path."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    sync_folder(path)
+
+
+def sync_folder(path):
+    """The rename itself on the disk: fsync the folder that holds path."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def previous(path):
@@ -113,7 +141,10 @@ def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
     if len(ckpt["rng"]) != world:
         raise SystemExit(f"error: {path} was written by {len(ckpt['rng'])} processes; resume it with as many "
                          f"(this run has {world}), so that each one continues its own random streams")
-    load_state_dict_checked(model, ckpt["model"], source=path)
+    try:
+        load_state_dict_checked(model, ckpt["model"], source=path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     streams = ckpt["rng"][rank]
     py = streams["python"]
@@ -125,7 +156,8 @@ def load_checkpoint(ckpt, path, model, optimizer, rng, generator):
 
 def truncate_logs(out_dir, stage, step):
     """Drop log lines written after the checkpoint we resume from: they will be written again. The evaluation
-    at GRPO step s + 1 is logged before checkpoint s, and the resumed run does not redo it, so it stays."""
+    at GRPO step s + 1 is logged before checkpoint s, and the resumed run does not redo it, so it stays. Each log
+    is rewritten whole or not at all."""
     def keep(record):
         if stage == "sft":
             return record["stage"] == "sft" and record["step"] <= step
@@ -135,41 +167,94 @@ def truncate_logs(out_dir, stage, step):
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = os.path.join(out_dir, name)
         if os.path.exists(path):
-            with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records if keep(r))
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in read_log(path) if keep(r)))
+
+
+def read_log(path):
+    """The records of a JSON-lines log. A last line cut short (a crash or a full disk mid-write) is dropped with
+    a warning; a bad line before it means the file was damaged otherwise, and is an error naming it."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("stage"), str)
+                    and isinstance(record.get("step"), int)):
+                raise ValueError("not a record with a stage and a step")
+        except ValueError as e:
+            if n < len(lines):
+                raise SystemExit(f"error: {path}, line {n}, is not a log record ({e}): the log is damaged"
+                                 ) from None
+            print(f"warning: {path}: its last line is cut short ({len(line)} characters); it is dropped")
+            break
+        records.append(record)
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run folders
+# Run folders. A run folder is known by its marker, run.json, written when the run starts; one process owns it at
+# a time (an OS lock on run.lock, released when the process ends, however it ends).
 
-
-RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "ckpt.prev.pt",
-             "warm_start.pt")
+RUN_MARKER, LOCK = "run.json", "run.lock"
+OUTPUTS = ("metrics.jsonl", "samples.jsonl", "eval.json", "ckpt.pt", "ckpt.prev.pt", "warm_start.pt")
+RUN_FILES = (RUN_MARKER, "config.json") + OUTPUTS
 
 
 def prepare_out_dir(cfg, rank):
-    """Refuse to mix two runs in one folder: an existing run needs --resume (same run) or --overwrite.
-    Rank 0 alone checks and writes; the others wait at a barrier (checking too would race with its writes)."""
+    """Rank 0 locks the run folder for the life of the process and checks what it holds: an empty folder, or one
+    whose run stopped before writing anything, starts the run; a run with outputs needs --resume (to continue
+    it) or --overwrite (to replace it); files that are not a run of this project are refused unless --overwrite,
+    and even then only the run's own file names are replaced. The other ranks wait at a barrier. Returns the
+    lock's open file (rank 0), to be held while the run lasts."""
     if rank != 0:
-        return
-    # A folder whose start-up failed before its first checkpoint holds nothing to keep: it is simply re-run.
-    has_run = any(os.path.exists(os.path.join(cfg.out_dir, name)) for name in ("ckpt.pt", "ckpt.prev.pt"))
-    if has_run and not (cfg.resume or cfg.overwrite):
-        raise SystemExit(f"error: {cfg.out_dir} already holds a run; pass --resume to continue it or "
-                         f"--overwrite to replace it (or choose another --out_dir)")
-    if cfg.resume and not has_run:
-        raise SystemExit(f"error: --resume but {cfg.out_dir} has no checkpoint (the run stopped before its first "
-                         f"one): run the same command without --resume to start it again")
-    if cfg.resume:
-        return  # config.json is the run's, and stays as it is
+        return None
     os.makedirs(cfg.out_dir, exist_ok=True)
-    for name in RUN_FILES:
+    lock = lock_folder(cfg.out_dir)
+    there = sorted(set(os.listdir(cfg.out_dir)) - {LOCK})
+    outputs = [name for name in OUTPUTS if name in there]
+    foreign = [name for name in there if name not in RUN_FILES and not name.endswith(".tmp")]
+    is_run = RUN_MARKER in there or "ckpt.pt" in there or "ckpt.prev.pt" in there  # marked, or older than marks
+    if cfg.resume:
+        if not ("ckpt.pt" in there or "ckpt.prev.pt" in there):
+            raise SystemExit(f"error: --resume but {cfg.out_dir} has no checkpoint (the run stopped before its "
+                             f"first one): run the same command without --resume to start it again")
+        return lock  # config.json is the run's, and stays as it is
+    if not cfg.overwrite:
+        if foreign or (there and not is_run):
+            raise SystemExit(f"error: {cfg.out_dir} holds files that are not a run of this project "
+                             f"({', '.join(there[:8])}{', ...' if len(there) > 8 else ''}): choose another "
+                             f"--out_dir, or pass --overwrite to write a run there (its own files replace any of "
+                             f"the same name; the others stay)")
+        if outputs:
+            raise SystemExit(f"error: {cfg.out_dir} already holds a run ({', '.join(outputs)}); pass --resume to "
+                             f"continue it or --overwrite to replace it (or choose another --out_dir)")
+    for name in RUN_FILES:  # a run that stopped before any output, or --overwrite: the run's own files go
         if os.path.exists(os.path.join(cfg.out_dir, name)):
             os.remove(os.path.join(cfg.out_dir, name))
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    atomic_write(os.path.join(cfg.out_dir, RUN_MARKER), json.dumps(
+        {"project": "nanogrpo", "run": uuid.uuid4().hex, "task": cfg.task, "started": time.strftime("%F %T")}))
+    return lock
+
+
+def lock_folder(folder):
+    """An exclusive lock on folder/run.lock for as long as the returned file stays open (the OS drops it when
+    the process ends); a second process is refused at once, told the first one's process id."""
+    f = open(os.path.join(folder, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(f"error: {folder} is in use by another process (pid {owner}); wait for it to finish, "
+                         f"or choose another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def warm_start_path(cfg):
@@ -182,26 +267,59 @@ def load_run(run_dir, warm_start=False):
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
-    with open(path) as f:
-        saved = json.load(f)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(saved, dict) or set(saved) - known:
-        raise SystemExit(f"error: {path} is not a config of this train.py")
-    cfg = TrainConfig(**saved)
+    cfg = dataclasses.replace(read_run_config(path), out_dir=run_dir)  # the folder, wherever it now is
     try:
-        ckpt = read_checkpoint(warm_start_path(cfg)) if warm_start else latest_checkpoint(run_dir)[0]
+        if warm_start:
+            ckpt = read_checkpoint(os.path.join(run_dir, "warm_start.pt"))
+        else:
+            ckpt, _ = latest_checkpoint(run_dir)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    model = GPT(config_from_dict(ckpt["model_config"]))
-    load_state_dict_checked(model, ckpt["model"], source=run_dir)
+    try:
+        model = GPT(config_from_dict(ckpt["model_config"]))
+        load_state_dict_checked(model, ckpt["model"], source=run_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     return model.eval(), run_tokenizer(load_task(cfg.task), cfg.init_from), cfg
+
+
+def run_tokenizer(task, init_from):
+    """The run's tokenizer: the task's own, except that GPT-2's weights mean GPT-2's token ids, so a run that
+    starts from a GPT-2 directory reads its task through GPT-2's tokenizer. A directory this project exported
+    holds the task's own tokenizer, which is used as it is (its task's tokens must be this task's)."""
+    if not os.path.isdir(init_from):
+        return task.tokenizer()
+    try:
+        exported, from_gpt2 = exported_task(init_from)
+        if exported is None or from_gpt2:
+            return gpt2_encoding(init_from, task_specials=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --init_from: {e}") from None
+    enc = task.tokenizer()
+    theirs = load_task(exported).tokenizer() if exported in task_names() else None
+    if theirs is None or (theirs.name, theirs.n_vocab) != (enc.name, enc.n_vocab):
+        raise SystemExit(f"error: --init_from={init_from} was exported from a {exported} run, whose tokens are "
+                         f"not the {task.name} task's: train it with --task={exported}")
+    return enc
+
+
+def logged_eval(out_dir, step):
+    """The logged evaluation at a step (a resumed run evaluated its warm start before it was killed)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    found = [r for r in read_log(path) if r["stage"] == "eval" and r["step"] == step]
+    return {k: v for k, v in found[-1].items() if k not in ("stage", "step")} if found else None
 
 
 def load_model(init_from, vocab_size):
     """--init_from: a GPT-2 directory (Hugging Face's layout), or a checkpoint of ours, whose LoRA adapters, if it
     has any, are folded in (a plain model to start from). vocab_size is the run's tokenizer's."""
     if os.path.isdir(init_from):
-        model = load_gpt2(init_from)
+        try:
+            model = load_gpt2(init_from)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --init_from: {e}") from None
         if model.config.vocab_size < vocab_size:
             raise SystemExit(f"error: {init_from} has {model.config.vocab_size} token embeddings but its "
                              f"tokenizer has {vocab_size} tokens")
@@ -215,19 +333,11 @@ def load_model(init_from, vocab_size):
         raise SystemExit(f"error: {init_from} was trained with a vocabulary of {config.vocab_size}, the task's "
                          f"tokenizer has {vocab_size}")
     model = GPT(config)
-    load_state_dict_checked(model, ckpt["model"], source=init_from)
+    try:
+        load_state_dict_checked(model, ckpt["model"], source=init_from)
+    except ValueError as e:
+        raise SystemExit(f"error: --init_from: {e}") from None
     return merge_lora(model) if config.lora_rank else model
-
-
-def logged_eval(out_dir, step):
-    """The logged evaluation at a step (a resumed run evaluated its warm start before it was killed)."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        found = [json.loads(line) for line in f if line.strip()]
-    found = [r for r in found if r["stage"] == "eval" and r["step"] == step]
-    return {k: v for k, v in found[-1].items() if k not in ("stage", "step")} if found else None
 
 
 def load_state_dict_checked(model, state, source="checkpoint"):
@@ -245,6 +355,9 @@ def load_state_dict_checked(model, state, source="checkpoint"):
         if any(".lora_" in k for k in unexpected):
             hint += "\n  (the checkpoint has LoRA adapters the model lacks: build it with the same lora_rank)"
         raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]) + hint)
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise ValueError(f"{source}: tensor {name} holds values that are not finite (NaN or inf)")
     model.load_state_dict(state)
 
 

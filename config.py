@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from data import load_task, task_names
 from grpo import GRPOConfig
+from hf import read_json
 
 
 def flag(default, help, group, low=None, choices=None):
@@ -123,6 +124,13 @@ def parse_config(argv, usage=""):
     if (cfg.sft_player or task.default_player) not in task.reference_players():
         raise SystemExit(f"error: --sft_player={cfg.sft_player!r} is not one of "
                          f"{', '.join(task.reference_players())}")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"error: --out_dir={cfg.out_dir} is a file, not a folder")
+    if cfg.init_from != "scratch" and not (os.path.isfile(cfg.init_from) or
+                                           os.path.isfile(os.path.join(cfg.init_from, "config.json"))):
+        what = "a folder without config.json" if os.path.isdir(cfg.init_from) else "not there"
+        raise SystemExit(f"error: --init_from={cfg.init_from} is {what}: give scratch, a checkpoint of this "
+                         f"project (.pt), or a Hugging Face GPT-2 directory (config.json and its weights)")
     if cfg.resume:
         cfg = resumed_config(cfg, given)
     return cfg
@@ -198,24 +206,47 @@ def print_help(known, usage):
 def resumed_config(requested, given):
     """--resume continues the run in out_dir as it was configured: its config.json is the configuration. Flags
     given with --resume must agree with it (a resumed run with another learning rate or seed would be neither
-    run); a difference is an error that lists every one."""
+    run); a difference is an error that lists every one. The run follows its folder: a run moved or copied
+    elsewhere resumes where it now is."""
     path = os.path.join(requested.out_dir, "config.json")
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume but {requested.out_dir} holds no run (no config.json)")
-    with open(path) as f:
-        saved = json.load(f)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if set(saved) - known:
-        raise SystemExit(f"error: {path} has options this train.py does not know: {sorted(set(saved) - known)}")
-
-    def same(a, b):  # as JSON: a tuple and the list it was saved as are the same value
-        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
-    differ = [f"--{k}: the run has {saved[k]!r}, the command line {getattr(requested, k)!r}"
-              for k in sorted(given) if k not in SAFE_TO_CHANGE_ON_RESUME and k in saved
-              and not same(saved[k], getattr(requested, k))]
+    saved = read_run_config(path)
+    differ = differences(saved, {k: getattr(requested, k) for k in given})
     if differ:
         raise SystemExit(f"error: --resume continues {requested.out_dir} as configured in its config.json, but "
                          f"these flags differ from it (drop them, or start a new run):\n  " + "\n  ".join(differ))
     changed = {k: getattr(requested, k) for k in SAFE_TO_CHANGE_ON_RESUME
-               if k in given or k in ("resume", "overwrite") or k not in saved}
-    return TrainConfig(**{**saved, **changed})
+               if k in given or k in ("resume", "overwrite")}
+    return dataclasses.replace(saved, out_dir=requested.out_dir, **changed)
+
+
+def differences(run, values, source="the command line"):
+    """'--flag: the run has A, SOURCE B' for every value that differs from the run's config, but the flags that
+    may change on resume and the folder's own path."""
+    def same(a, b):  # as JSON: a tuple and the list it was saved as are the same value
+        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+    return [f"--{k}: the run has {getattr(run, k)!r}, {source} {values[k]!r}" for k in sorted(values)
+            if k not in SAFE_TO_CHANGE_ON_RESUME + ("out_dir",) and not same(getattr(run, k), values[k])]
+
+
+def read_run_config(path):
+    """A run's config.json as a TrainConfig, or an error that names the file and what is wrong with it."""
+    try:
+        saved = read_json(path, 1_000_000)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        if set(saved) - known:
+            raise ValueError(f"{path} has options this train.py does not know: {sorted(set(saved) - known)}")
+        for f in dataclasses.fields(TrainConfig):
+            kind = flag_type(f)
+            value = saved.get(f.name, f.default)
+            ok = value is None and f.default is None or (
+                isinstance(value, list) and all(isinstance(v, (int, float)) for v in value) if kind is tuple else
+                isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                type(value) is kind)
+            if not ok:
+                raise ValueError(f"{path}: {f.name} is {str(value)[:60]!r}, not a {describe(kind)}")
+        return TrainConfig(**saved)
+    except ValueError as e:
+        message = str(e) if str(e).startswith(path) else f"{path}: {e}"
+        raise SystemExit(f"error: {message}") from None

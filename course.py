@@ -61,7 +61,7 @@ def lesson4():
     for c, row, t, a in zip(completions, table, total.tolist(), advantages.tolist()):
         print(f"  {c:<22}" + "".join(f"{v:13.2f}" for v in row) + f"{t:8.2f}{a:11.2f}")
     print("\n  Columns: rewards.wordle_guess (the whole truth of a guess, the default, weight 1); the course's")
-    print("  lesson 8 rewards wordle_format, _feedback_use, _info_gain, _win; and lesson 4's wordle_partial_credit.")
+    print("  lesson 8 rewards wordle_format, _feedback_use, _info_gain, _win; lesson 4's wordle_partial_credit.")
     print("  The default ranks not-a-word < ruled out (a repeat too) < could still be the answer < the answer;")
     print("  --reward_weights=0,0.2,0.3,0.5,1 trains on the course's instead.")
     mean, std = total.mean().item(), total.std().item()
@@ -140,8 +140,9 @@ def lesson8():
                 "--prompts_per_step=16", "--eval_games=50", "--eval_interval=10", "--reference_players=false",
                 "--out_dir=runs/course-lesson8", "--overwrite"])
     print("\nThe result: python train.py --task=wordle --out_dir=runs/wordle, 3,000 warm-start steps and 800 GRPO")
-    print("steps, 19 to 33 minutes on 2 cores. Over three seeds it won 29.5% of held-out games after the warm start")
-    print("and 49.3% after GRPO (+19.8 points, every seed up), invalid guesses 30% -> 4% (experiments/wordle.md).")
+    print("steps, 19 to 33 minutes on 2 cores. Over three seeds it won 29.5% of held-out games after the warm")
+    print("start and 49.3% after GRPO (+19.8 points, every seed up), invalid guesses 30% -> 4%")
+    print("(experiments/wordle.md).")
     print("Watch its games: python sample.py runs/wordle --n=4 (--stage=warm_start for the model before GRPO).")
 
 

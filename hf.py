@@ -28,6 +28,37 @@ from model import GPT, GPTConfig, merge_lora
 # ----------------------------------------------------------------------------------------------------------------
 # Reading: safetensors, GPT-2's config, a GPT-2 directory
 
+def read_json(path, limit=10_000_000):
+    """A JSON object from a file, or a ValueError that names the file and what is wrong with it: too large, not
+    JSON (nested beyond what the parser allows included), or not an object."""
+    size = os.path.getsize(path)
+    if size > limit:
+        raise ValueError(f"{path}: {size:,} bytes, more than the {limit:,} a file of this kind may hold")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ValueError(f"{path}: not a readable JSON file ({reason})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: a JSON {type(value).__name__}, where an object is expected")
+    return value
+
+
+def exported_task(path):
+    """(task, trained from GPT-2) of a directory this project exported (config.json's "nanogrpo" entry), or
+    (None, False) for any other Hugging Face directory; a malformed entry is refused, naming the field."""
+    ours = read_json(os.path.join(path, "config.json"), 1_000_000).get("nanogrpo")
+    if ours is None:
+        return None, False
+    task, gpt2 = (ours.get("task"), ours.get("gpt2", False)) if isinstance(ours, dict) else (None, None)
+    if not isinstance(task, str) or not isinstance(gpt2, bool):
+        raise ValueError(f"{path}/config.json: its \"nanogrpo\" entry must be an object with a task name (text) "
+                         f"and optionally \"gpt2\" (true or false), got {ours!r}"[:400])
+    return task, gpt2
+
+
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -52,8 +83,9 @@ def read_safetensors_header(path):
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: the header is not JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ValueError(f"{path}: the header is not JSON ({reason})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
     data_len, tensors = size - 8 - n, {}
@@ -113,16 +145,9 @@ def gpt2_config(path):
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face GPT-2 directory)")
-    if os.path.getsize(config_file) > 1_000_000:
-        raise ValueError(f"{config_file}: {os.path.getsize(config_file)} bytes, too large for a config")
-    with open(config_file) as f:
-        try:
-            hf = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{config_file}: not JSON ({e})") from None
-    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
-        found = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
-        raise ValueError(f"{config_file}: model_type is {found!r}, only 'gpt2' can be loaded")
+    hf = read_json(config_file, 1_000_000)
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{config_file}: model_type is {hf.get('model_type')!r}, only 'gpt2' can be loaded")
     sizes = {}
     for key in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
         value = hf.get(key)
@@ -144,6 +169,22 @@ def gpt2_config(path):
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+def gpt2_shapes(config):
+    """{name: shape} of GPT(config)'s state dict, by arithmetic: what a file is checked against before any
+    model is built (tests check it against the built model's)."""
+    V, T, C = config.vocab_size, config.block_size, config.n_embd
+    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C), "lm_head.weight": (V, C),
+              "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
+    for i in range(config.n_layer):
+        layer = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+                 "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
+                 "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+                 "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,),
+                 "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,)}
+        shapes.update({f"transformer.h.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
 def hf_key(key):
     """Our parameter name for a Hugging Face GPT-2 key (hub files name keys with or without "transformer."),
     or None for the attention-mask buffers old files carry ("attn.bias", "attn.masked_bias")."""
@@ -157,9 +198,6 @@ def load_gpt2(path):
     The config and every tensor's name, dtype and shape are checked against the model they describe before
     the model is built; then the tensors are read one at a time into it (memory: the model, plus one tensor)."""
     config = gpt2_config(path)
-    with torch.device("meta"):  # the parameter shapes, without allocating anything
-        model = GPT(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     st_file, bin_file = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(st_file):
         source = st_file
@@ -183,6 +221,13 @@ def load_gpt2(path):
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin is there")
     names = {hf_key(key): key for key in found if hf_key(key) is not None}  # ours -> theirs
+    # The file bounds the work, not config.json: a config that claims far more layers than the file holds
+    # tensors for is refused before anything is built or even listed (GPT-2 has 12 tensors a layer and 4 others);
+    # a near miss is listed name by name below.
+    if 12 * config.n_layer + 4 > 2 * len(names) + 100:
+        raise ValueError(f"{path}/config.json describes {config.n_layer} layers, {12 * config.n_layer + 4} "
+                         f"tensors, but {source} holds {len(names)}")
+    expected = gpt2_shapes(config)
     problems = [f"missing {k}" for k in sorted(set(expected) - set(names) - {"lm_head.weight"})]
     problems += [f"unexpected {k}" for k in sorted(set(names) - set(expected))]
     for ours, theirs in names.items():
@@ -198,6 +243,8 @@ def load_gpt2(path):
         raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems[:20]))
     # Storage for the parameters, uninitialized (no random init: every one is read from the file), tied again
     # (to_empty gives the two names of the tied matrix two tensors).
+    with torch.device("meta"):  # the parameter shapes, without allocating anything
+        model = GPT(config)
     model = model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight
     params = model.state_dict()
@@ -210,6 +257,8 @@ def load_gpt2(path):
                 params[ours].copy_(value.t() if ours.endswith(CONV1D) else value)
             else:  # straight from the file into the parameter: no copy
                 fetch(theirs, out=params[ours])
+            if not bool(params[ours].isfinite().all()):
+                raise ValueError(f"{source}: tensor {theirs} holds values that are not finite (NaN or inf)")
         if "lm_head.weight" in names:  # a file may store the tied matrix twice: it must be the same one
             lm_head = fetch(names["lm_head.weight"]).to(params["lm_head.weight"].dtype)
             if not torch.equal(lm_head, params["transformer.wte.weight"]):
@@ -325,7 +374,7 @@ def export(model, enc, out_dir, task, gpt2_dir=None, tokenizer=True):
         merge_lora(model)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), hf_tensors(model), {"format": "pt"})
     config = hf_config(model, enc if tokenizer else None, task) if gpt2_dir is None else {
-        **json.load(open(os.path.join(gpt2_dir, "config.json"))), "nanogrpo": {"task": task, "gpt2": True}}
+        **read_json(os.path.join(gpt2_dir, "config.json"), 1_000_000), "nanogrpo": {"task": task, "gpt2": True}}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     if gpt2_dir is None and tokenizer:

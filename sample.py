@@ -14,7 +14,6 @@ held-out examples are whole games, printed turn by turn with the feedback:
     python sample.py runs/wordle --n=4 --stage=warm_start && python sample.py runs/wordle --n=4
 """
 
-import json
 import os
 import sys
 from contextlib import nullcontext
@@ -25,7 +24,7 @@ from checkpoint import load_run
 from data import load_task, model_player, task_names
 from data.tokenizer import end_and_pad, gpt2_encoding
 from grpo import GRPOConfig
-from hf import load_gpt2
+from hf import exported_task, load_gpt2
 from model import sample
 
 OPTIONS = {"n": 8, "num_samples": 1, "temperature": 0.0, "max_new_tokens": 0, "seed": 1337, "stage": "grpo"}
@@ -43,14 +42,14 @@ def load(path, stage="grpo"):
     if stage != "grpo":  # an export holds one model: the warm start stays in the run folder it came from
         raise SystemExit(f"error: --stage={stage} needs a run folder (its warm_start.pt); {path} is an exported "
                          f"model, which holds only the final one")
-    model = load_gpt2(path).eval()
-    with open(os.path.join(path, "config.json")) as f:
-        ours = json.load(f).get("nanogrpo", {})
-    task = load_task(ours["task"]) if ours.get("task") in task_names() else None
-    if task is None or ours.get("gpt2"):  # a GPT-2's own tokenizer files (the task specials mapped onto them)
-        enc = gpt2_encoding(path, task_specials=True)
-    else:
-        enc = task.tokenizer()
+    try:
+        model = load_gpt2(path).eval()
+        name, from_gpt2 = exported_task(path)  # what this project wrote into config.json, if it exported it
+        task = load_task(name) if name in task_names() else None
+        # a GPT-2's own tokenizer files (the task specials mapped onto them), or the task's own tokenizer
+        enc = gpt2_encoding(path, task_specials=True) if task is None or from_gpt2 else task.tokenizer()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     max_new_tokens = task.train_defaults.get("max_new_tokens", GRPOConfig.max_new_tokens) if task else 32
     return model, enc, task, max_new_tokens
 

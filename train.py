@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 import grpo
 from checkpoint import (CheckpointError, atomic_save, latest_checkpoint, load_checkpoint, load_model,
-                        load_state_dict_checked, logged_eval, prepare_out_dir, read_checkpoint, save_checkpoint,
-                        truncate_logs, warm_start_path)
-from config import TrainConfig, parse_config
-from data import load_task, model_player, run_tokenizer
+                        load_state_dict_checked, logged_eval, prepare_out_dir, read_checkpoint, run_tokenizer,
+                        save_checkpoint, truncate_logs, warm_start_path)
+from config import TrainConfig, differences, parse_config
+from data import load_task, model_player
 from data.tokenizer import end_and_pad
 from model import GPT, GPTConfig, add_lora, check_lora_rank, pad_left
 
@@ -71,6 +71,7 @@ class Run:
     dtype: str
     task: object
     enc: object
+    lock: object = None   # the run folder's lock, held while the process lives
     wandb: object = None
 
 
@@ -105,11 +106,11 @@ def setup(cfg):
     dtype = cfg.dtype if cfg.dtype != "auto" else \
         "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=torch.bfloat16)
-    prepare_out_dir(cfg, rank)
+    lock = prepare_out_dir(cfg, rank)
     if dist.is_initialized():
-        dist.barrier()  # rank 0 has checked and prepared the run folder
+        dist.barrier()  # rank 0 has locked, checked and prepared the run folder
     task = load_task(cfg.task)
-    run = Run(cfg, rank, world, device, autocast, dtype, task, run_tokenizer(task, cfg.init_from))
+    run = Run(cfg, rank, world, device, autocast, dtype, task, run_tokenizer(task, cfg.init_from), lock)
     if cfg.wandb and rank == 0:
         import wandb  # optional, never required
         run.wandb = wandb.init(project="nanogrpo", config=dataclasses.asdict(cfg), resume="allow")
@@ -150,6 +151,10 @@ def start(run, model):
                   torch.Generator(run.device).manual_seed(cfg.seed + 1000 * run.rank))
     if cfg.resume:
         ckpt, loaded_from = latest_checkpoint(cfg.out_dir)
+        differ = differences(cfg, ckpt["config"], source="the checkpoint")  # config.json edited by hand?
+        if differ:
+            raise SystemExit(f"error: {cfg.out_dir}/config.json differs from the configuration its checkpoint "
+                             f"(checked by its checksum) was saved with:\n  " + "\n  ".join(differ))
         saved = ckpt["model_config"]
         if saved.get("lora_rank"):  # it stopped in a LoRA stage 2: the adapters come first
             add_lora(model, saved["lora_rank"], saved["lora_alpha"], saved["lora_mlp"])
@@ -233,8 +238,8 @@ def begin_grpo(run, model, state):
     result = evaluate_and_log(run, model, step=0)
     if cfg.lora_rank:  # from here on only the adapters train
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)
-    # A fresh optimizer: the warm start's AdamW moments would move the weights even when every advantage is 0
-    # (measured: up to 5e-5 on the first step), a push from the supervised loss, not from rewards.
+    # A fresh optimizer: the warm start's AdamW moments would move the weights even when every advantage is 0,
+    # a push from the supervised loss, not from rewards.
     state.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     checkpoint(run, model, state, "grpo", -1)  # so a resume from here does not redo stage 1
     return result

@@ -28,13 +28,12 @@ data/reverse.py is a whole task in under 40 lines. `load_task(name)` gives any o
 
 import importlib
 import inspect
-import os
 import pkgutil
 import random
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from data.tokenizer import encoding_from_merges, end_and_pad, gpt2_encoding
+from data.tokenizer import encoding_from_merges, end_and_pad
 from model import sample
 from rewards import score
 
@@ -113,12 +112,6 @@ def mean_rewards(task, player, n, keep_games=0):
         result["transcripts"] = [{"prompt": task.prompt(ex), "completion": t}
                                  for ex, t in zip(examples[:keep_games], texts)]
     return result
-
-
-def run_tokenizer(task, init_from):
-    """The run's tokenizer: the task's own, except that GPT-2's weights mean GPT-2's token ids, so a run that
-    starts from a GPT-2 directory reads its task through GPT-2's tokenizer."""
-    return gpt2_encoding(init_from, task_specials=True) if os.path.isdir(init_from) else task.tokenizer()
 
 
 def model_player(model, enc, task, max_new_tokens, autocast, temperature=0.0, generator=None):

@@ -180,6 +180,29 @@ def gpt2_encoding(path=None, task_specials=False):
                              explicit_n_vocab=None if task_specials else len(ranks) + 1)
 
 
+def read_vocab(path, limit=100_000_000):
+    """vocab.json: {token in GPT-2's readable byte alphabet: id}, ids distinct integers from 0, or a ValueError
+    that names the file and the first entry that is not so."""
+    if os.path.getsize(path) > limit:
+        raise ValueError(f"{path}: {os.path.getsize(path):,} bytes, too large for a vocabulary")
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ValueError(f"{path}: not a readable JSON file ({reason})") from None
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{path}: a JSON {type(vocab).__name__}, where an object of token: id is expected")
+    for token, i in vocab.items():
+        if type(i) is not int or i < 0:
+            raise ValueError(f"{path}: token {token[:40]!r} has id {str(i)[:40]!r}, not a non-negative integer")
+        if token not in SPECIAL_TOKENS + ("<|endoftext|>",) and any(c not in CHAR_TO_BYTE for c in token):
+            raise ValueError(f"{path}: token {token[:40]!r} is not in GPT-2's byte alphabet")
+    if len(set(vocab.values())) != len(vocab):
+        raise ValueError(f"{path}: two tokens share an id")
+    return vocab
+
+
 def gpt2_ranks(path=None):
     """(GPT-2's BPE ranks {bytes: id}, the id of <|endoftext|>) from `path`, else tiktoken's cache; never
     downloaded."""
@@ -187,8 +210,7 @@ def gpt2_ranks(path=None):
         for vocab_name in ("vocab.json", "encoder.json"):
             vocab_file = os.path.join(path, vocab_name)
             if os.path.isfile(vocab_file):
-                with open(vocab_file, encoding="utf-8") as f:
-                    vocab = json.load(f)
+                vocab = read_vocab(vocab_file)
                 # GPT-2's ids double as BPE ranks: a merged token always has a larger id than its parts.
                 ranks = {from_readable(tok): i for tok, i in vocab.items() if tok != "<|endoftext|>"}
                 return ranks, vocab.get("<|endoftext|>", len(ranks))

@@ -28,7 +28,8 @@ for path in sys.argv[1:]:
     ckpt = torch.load(path, weights_only=True)
     model = GPT(config_from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    answers = model_player(model, task.tokenizer(), task, task.train_defaults["max_new_tokens"], nullcontext())(examples)
+    max_new_tokens = task.train_defaults["max_new_tokens"]
+    answers = model_player(model, task.tokenizer(), task, max_new_tokens, nullcontext())(examples)
     right = [addition_exact(a, ex) == 1.0 for a, ex in zip(answers, examples)]
     slip = [a.strip() == str(addition.sum_without_carry(ex["a"], ex["b"])) for a, ex in zip(answers, examples)]
 

@@ -5,8 +5,8 @@ Plots and tables from run folders (matplotlib is an optional extra: train.py nev
     python experiments/plot.py ablation OUT.png OUT.md RUN [RUN ...]  # final eval by setting, mean and spread
     python experiments/plot.py hacking OUT.png RUN [RUN ...]         # summary runs: quiz reward and length
 
-Runs are grouped by their config.json minus the seed and run folder, so seeds of one setting become one line of the table
-(mean, standard deviation, min and max) and one colour in the plot.
+Runs are grouped by their config.json minus the seed and run folder, so seeds of one setting become one line of the
+table (mean, standard deviation, min and max) and one colour in the plot.
 """
 
 import gzip
@@ -78,7 +78,8 @@ def ablation(out_png, out_md, runs):
     groups = {}
     for config, records in loaded:
         evals = [r for r in records if r["stage"] == "eval"]
-        groups.setdefault(tuple(config[k] for k in knobs), []).append((config["seed"], evals[0], evals[-1], records))
+        setting = tuple(config[k] for k in knobs)
+        groups.setdefault(setting, []).append((config["seed"], evals[0], evals[-1], records))
     first_eval = next(iter(groups.values()))[0][1]
     metrics = [k for k, v in first_eval.items()
                if isinstance(v, float) and not k.startswith("sampled_") and k not in ("games", "step")]

@@ -31,7 +31,8 @@ def write_safetensors(path, tensors):
     for name, t in tensors.items():
         t = t.contiguous()
         raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     header["__metadata__"] = {"format": "pt"}

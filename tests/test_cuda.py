@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_kv_cache_sampling_draws_exactly_the_no_cache_tokens_on_cuda():
     model = tiny_gpt(dtype=torch.float32).cuda()
     runs = [sampler(model, PROMPTS, max_new_tokens=20, group_size=3, stop_token=7, temperature=0.9,
-                    generator=torch.Generator("cuda").manual_seed(1)) for sampler in (sample, sample_without_cache)]
+                    generator=torch.Generator("cuda").manual_seed(1))
+            for sampler in (sample, sample_without_cache)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert torch.equal(runs[0].completion_mask, runs[1].completion_mask)
 

@@ -160,7 +160,8 @@ def test_two_gloo_processes_take_the_step_of_one_process_over_both_rollouts(monk
         for rank in (0, 1):
             grads, steps = per_rank[rank][loss_type]
             assert steps == 1
-            for a, b in zip(map(torch.from_numpy, grads), one_process):  # DDP averaged them: both ranks hold the same, the union's
+            # DDP averaged them: both ranks hold the same gradient, the union's
+            for a, b in zip(map(torch.from_numpy, grads), one_process):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"{loss_type}, rank {rank}")
 
 

@@ -1,5 +1,5 @@
-"""Files out: export.py (hf.export) writes a run's policy as a Hugging Face GPT-2 directory that our loader, and transformers
-where it is installed, read back to the same logits and token ids."""
+"""Files out: export.py (hf.export) writes a run's policy as a Hugging Face GPT-2 directory that our loader, and
+transformers where it is installed, read back to the same logits and token ids."""
 
 import json
 import random
@@ -66,7 +66,8 @@ def test_an_exported_run_loads_back_to_the_same_logits(exported_run):
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], model(idx)[0])
     config = json.loads((hf_dir / "config.json").read_text())
-    assert config["eos_token_id"] == enc.encode_single_token("<|end|>") and config["nanogrpo"]["task"] == "addition"
+    assert config["eos_token_id"] == enc.encode_single_token("<|end|>")
+    assert config["nanogrpo"]["task"] == "addition"
 
 
 def test_lora_adapters_are_merged_into_the_export(tmp_path):

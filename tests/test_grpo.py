@@ -326,7 +326,8 @@ def test_two_passes_over_one_minibatch_divide_by_the_sampling_policys_logprobs()
     # float32 rounding on weights whose gradients are near 0: float64 makes the comparison exact to 1e-9
     optimizer, twin_optimizer = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (model, twin))
     prompts, reward = [[1, 2, 3], [4, 5, 6]], share_of_token(3)
-    m = grpo_step(model, optimizer, prompts, [None] * 2, [reward], config, generator=torch.Generator().manual_seed(0))
+    m = grpo_step(model, optimizer, prompts, [None] * 2, [reward], config,
+                  generator=torch.Generator().manual_seed(0))
     assert m["clip_low_frac"] + m["clip_high_frac"] > 0  # the second pass is off-policy and the clip acts
 
     s = sample(twin, prompts, max_new_tokens=6, group_size=8, generator=torch.Generator().manual_seed(0))

@@ -127,7 +127,7 @@ def test_chunked_logprobs_match_naive_values_and_gradients(chunk_size):
     (lp1, ent1, g1), (lp2, ent2, g2) = results
     without_entropy, none = model.logprobs(s.tokens, s.prompt_len, valid=s.valid, temperature=0.7,
                                            chunk_size=chunk_size)
-    assert none is None and torch.equal(without_entropy.detach(), lp1)  # skipping the entropy pass changes no log-prob
+    assert none is None and torch.equal(without_entropy.detach(), lp1)  # no entropy pass: the same log-probs
     torch.testing.assert_close(lp1, lp2, rtol=0, atol=1e-5)
     torch.testing.assert_close(ent1, ent2, rtol=0, atol=1e-5)
     for a, b in zip(g1, g2):  # float32 sums in another order: agreement to a few ulps of the largest entry
@@ -236,7 +236,7 @@ def test_sampling_rejects_bad_arguments_by_name():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-# ---- loading GPT-2 checkpoints in the Hugging Face layout --------------------------------------------------------
+# ---- loading GPT-2 checkpoints in the Hugging Face layout ----------------------------------------------------
 
 @pytest.mark.parametrize("kind,prefix", [("safetensors", "transformer."), ("safetensors", ""), ("bin", ""),
                                          ("bin", "transformer.")])

@@ -93,7 +93,8 @@ def test_feedback_matches_a_brute_force_definition():
     (R.countdown_format, "<answer>3+</answer>", {"numbers": (3, 4, 2), "target": 14}, 0.0),
     (R.countdown_format, "14", {"numbers": (3, 4, 2), "target": 14}, 0.0),
     (R.countdown_correct, "<answer>(3+4)*2</answer>", {"numbers": (3, 4, 2), "target": 14}, 1.0),
-    (R.countdown_correct, "<think>try</think><answer> 3*4 + 2 </answer>", {"numbers": (3, 4, 2), "target": 14}, 1.0),
+    (R.countdown_correct, "<think>try</think><answer> 3*4 + 2 </answer>", {"numbers": (3, 4, 2), "target": 14},
+     1.0),
     (R.countdown_correct, "<answer>7*2</answer>", {"numbers": (3, 4, 2), "target": 14}, 0.0),       # 7 not given
     (R.countdown_correct, "<answer>(3+4)*2*1</answer>", {"numbers": (3, 4, 2), "target": 14}, 0.0),  # 1 not given
     (R.countdown_correct, "<answer>(3+4)*2</answer>", {"numbers": (3, 4, 2, 2), "target": 14}, 0.0),  # a 2 unused
@@ -132,7 +133,8 @@ HOSTILE_EXPRESSIONS = ["__import__('os').system('x')", "9**9**9", "9" * 5000, "1
                       "1e9", "0x10", "1_000", "3.5", "-3", "+3", "3 4", "()", "", " " * 10_000, "1+" * 5000 + "1",
                       "lambda: 0", "[1]*9**9", "'a'*9", "2\n+2", "\x00"]
 HOSTILE = ["", " ", "<guess></guess>", "<guess>", "</guess>", "<guess> </guess>", "<guess>\x00\x01</guess>",
-           "<guess>ÉCLAT</guess>", "<guess>ｃｒａｎｅ</guess>", "<guess>١٢٣٤٥</guess>", "<guess>" + "a" * 10_000 + "</guess>",
+           "<guess>ÉCLAT</guess>", "<guess>ｃｒａｎｅ</guess>", "<guess>١٢٣٤٥</guess>",
+           "<guess>" + "a" * 10_000 + "</guess>",
            "x" * 1_000_000, "<guess>crane</guess>" * 10_000, "\ud800", "9" * 5000, "<think>" * 1000,
            bytes(range(256)).decode("latin-1")]
 

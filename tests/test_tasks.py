@@ -46,7 +46,8 @@ def test_a_letter_with_its_mark_is_one_token_a_guess_one_token_per_letter_and_pr
     text = wordle.prompt(example) + wordle.completion("crane") + "<|end|>"
     assert wordle.prompt(example) == "<|begin|>" + "..........\n" * 3 + "sXlXaGtXeG\ngXrGaGpXeG\n"
     ids = enc.encode(text, allowed_special="all")
-    assert enc.decode(ids) == text and len(ids) == 1 + 6 * 5 + 7 + 1 <= wordle.TRAIN_DEFAULTS["block_size"]  # lines, guess, end
+    assert enc.decode(ids) == text
+    assert len(ids) == 1 + 6 * 5 + 7 + 1 <= wordle.TRAIN_DEFAULTS["block_size"]  # lines, guess, end
     assert len(enc.encode(wordle.prompt(wordle.make_example("crane", [])), allowed_special="all")) == 31
 
 
@@ -151,7 +152,8 @@ def test_the_sloppy_teachers_slip_keeps_greens_and_greys_and_never_repeats():
     rng = random.Random(0)
     grew = 0
     for answer in heldout[:30]:
-        history = tuple((g, wordle_feedback(g, answer)) for g in rng.sample([w for w in answers if w != answer], 2))
+        others = [w for w in answers if w != answer]
+        history = tuple((g, wordle_feedback(g, answer)) for g in rng.sample(others, 2))
         slip = set(wordle.greens_and_greys(history))
         exact = set(wordle.pool_after(history)) - {g for g, _ in history}
         assert exact <= slip and not {g for g, _ in history} & slip
@@ -203,7 +205,8 @@ def test_addition_carry_slip_counts_the_carry_free_answer():
         return any(int(x) + int(y) >= 10 for x, y in zip(str(a).zfill(4)[::-1], str(b).zfill(4)[::-1]))
 
     examples = addition.evaluation_examples(200)
-    assert [addition.needs_carry(ex["a"], ex["b"]) for ex in examples] == [carries(ex["a"], ex["b"]) for ex in examples]
+    assert [addition.needs_carry(ex["a"], ex["b"]) for ex in examples] == [carries(ex["a"], ex["b"])
+                                                                          for ex in examples]
     assert addition.sum_without_carry(58, 67) == 15
     share_without = sum(not carries(ex["a"], ex["b"]) for ex in examples) / 200
 
@@ -213,7 +216,8 @@ def test_addition_carry_slip_counts_the_carry_free_answer():
     slipping = addition.evaluate(slip_always, 200)
     assert slipping["carry_slip_rate"] == 1.0 and slipping["exact_rate"] == share_without
     assert addition.evaluate(addition.reference_players()["oracle"], 200)["carry_slip_rate"] == 0.0
-    assert 0.3 < addition.evaluate(addition.reference_players(random.Random(0))["sloppy"], 200)["carry_slip_rate"] < 0.7
+    sloppy = addition.reference_players(random.Random(0))["sloppy"]
+    assert 0.3 < addition.evaluate(sloppy, 200)["carry_slip_rate"] < 0.7
 
 
 def test_every_module_with_the_task_interface_is_found():
@@ -323,9 +327,9 @@ def test_a_task_module_dropped_into_data_is_found_and_trains(tmp_path, monkeypat
     assert "backwards" in task_names()
     import train
     out = tmp_path / "run"
-    train.main(["--task=backwards", "--n_layer=2", "--n_head=2", "--n_embd=64", "--sft_steps=150", "--grpo_steps=40",
-                "--eval_interval=40", "--eval_games=100", "--threads=1", "--reference_players=false",
-                f"--out_dir={out}"])
+    train.main(["--task=backwards", "--n_layer=2", "--n_head=2", "--n_embd=64", "--sft_steps=150",
+                "--grpo_steps=40", "--eval_interval=40", "--eval_games=100", "--threads=1",
+                "--reference_players=false", f"--out_dir={out}"])
     table = json.loads((out / "eval.json").read_text())
     for key in ("reward", "sampled_reward"):
         assert table["GRPO"][key] > table["warm start"][key], (key, table)

@@ -39,7 +39,8 @@ def random_unicode(rng, n):
 def trained():
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(400)]
-    texts = [" ".join(rng.sample(words, 8)) + f" {rng.randint(0, 999)}+{rng.randint(0, 999)} GYX" for _ in range(500)]
+    texts = [" ".join(rng.sample(words, 8)) + f" {rng.randint(0, 999)}+{rng.randint(0, 999)} GYX"
+             for _ in range(500)]
     texts += [random_unicode(rng, 40) for _ in range(50)]
     merges = train_bpe(texts, 700)
     return merges, encoding_from_merges(merges)
@@ -51,7 +52,8 @@ def test_trainer_reaches_the_requested_vocabulary_and_is_deterministic(trained):
     assert enc.n_vocab == 700 + len(SPECIAL_TOKENS)
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(400)]
-    texts = [" ".join(rng.sample(words, 8)) + f" {rng.randint(0, 999)}+{rng.randint(0, 999)} GYX" for _ in range(500)]
+    texts = [" ".join(rng.sample(words, 8)) + f" {rng.randint(0, 999)}+{rng.randint(0, 999)} GYX"
+             for _ in range(500)]
     texts += [random_unicode(rng, 40) for _ in range(50)]
     assert train_bpe(texts, 700) == merges
 

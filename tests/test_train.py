@@ -42,7 +42,7 @@ def test_unknown_and_bad_flags_are_rejected_with_the_closest_names():
         parse_config(["--loss_type=ppo"])
     with pytest.raises(SystemExit, match="expected --key=value or --key value"):
         parse_config(["lr=1"])
-    with pytest.raises(SystemExit, match="--eval_games=201 is more than the 200 held-out games the wordle task has"):
+    with pytest.raises(SystemExit, match="--eval_games=201 is more than the 200 held-out games the wordle task"):
         parse_config(["--task=wordle", "--eval_games=201"])
     assert parse_config(["--task=wordle", "--eval_games=200"]).eval_games == 200
     cfg = parse_config(["--beta=0.04", "--dynamic_sampling", "--overwrite=false", "--task=addition"])
@@ -209,7 +209,7 @@ def test_a_tasks_own_defaults_are_not_flags_given_to_a_resumed_run(tmp_path):
 def test_a_tasks_default_that_is_not_a_flag_is_refused_naming_it(monkeypatch):
     from data import wordle
     monkeypatch.setattr(wordle, "TRAIN_DEFAULTS", {**wordle.TRAIN_DEFAULTS, "grpo_stpes": 10})
-    with pytest.raises(SystemExit, match="data/wordle.py's TRAIN_DEFAULTS sets grpo_stpes, not a flag of train.py"):
+    with pytest.raises(SystemExit, match="data/wordle.py's TRAIN_DEFAULTS sets grpo_stpes, not a flag of train"):
         parse_config(["--task=wordle"])
     assert parse_config(["--task=addition"]).task == "addition"  # another task's defaults are not read
 
@@ -243,8 +243,9 @@ def test_a_corrupt_checkpoint_is_detected_and_the_one_before_it_is_used(tmp_path
 
 def test_a_run_that_failed_before_its_first_checkpoint_can_simply_be_rerun(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(SystemExit):
-        train.main(TINY + [f"--out_dir={out}", "--init_from=/no/such/file.pt"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")  # passes the flag checks, fails when it is read
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        train.main(TINY + [f"--out_dir={out}", f"--init_from={tmp_path / 'junk.pt'}"])
     assert (out / "config.json").exists() and not (out / "ckpt.pt").exists()
     with pytest.raises(SystemExit, match="has no checkpoint .* without --resume"):
         train.main(TINY + [f"--out_dir={out}", "--resume"])
@@ -272,7 +273,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_p
     monkeypatch.setattr(grpo, "grpo_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="stopped at GRPO step 2.*last good checkpoint"):
-        train.main(TINY + [f"--out_dir={out}", "--reference_players=false", "--num_iterations=1"])  # 1 loss call a step
+        # one loss call a step
+        train.main(TINY + [f"--out_dir={out}", "--reference_players=false", "--num_iterations=1"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["stage"] == "grpo" and ckpt["step"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

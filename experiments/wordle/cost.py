@@ -21,16 +21,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import data
 import grpo
 import train
+from config import parse_config
 from data import wordle
 
 PHASES = [  # (module, function, phase name)
     (train, "warm_start", "warm start"),
     (train, "evaluate_model", "evaluation (greedy + sampled)"),
-    (train, "sample", "GRPO: states (the policy's greedy games)"),
+    (data, "sample", "GRPO: states (the policy's greedy games)"),
     (grpo, "sample", "GRPO: groups sampled"),
-    (grpo, "frozen_logprobs", "GRPO: reference log-probs"),
+    (grpo, "logprobs", "GRPO: frozen log-probs (reference, pi_old)"),
     (grpo, "update_passes", "GRPO: update passes"),
 ]
 ORIGINAL = {(module, name): getattr(module, name) for module, name, _ in PHASES}
@@ -88,9 +90,11 @@ def main(argv):
     argv = (["--task=wordle"] if "--task" not in given else []) + (
         ["--out_dir=runs/cost"] if "--out_dir" not in given else []) + (
         ["--overwrite"] if "--overwrite" not in given else []) + argv  # the timed run replaces the counted one
-    cfg = train.parse_config(argv)
-    device = train.pick_device(cfg)
-    dtype = torch.float32 if train.pick_autocast(cfg, device)[1] == "float32" else torch.bfloat16
+    cfg = parse_config(argv)
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported())
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     peak = bench.bench_peak(device, dtype, repeats=5)  # bench.py's: first, on a quiet machine
