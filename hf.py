@@ -29,20 +29,24 @@ from model import GPT, GPTConfig, merge_lora
 # Reading: safetensors, GPT-2's config, a GPT-2 directory
 
 def read_json(path, limit=10_000_000):
-    """A JSON object from a file, or a ValueError that names the file and what is wrong with it: too large, not
-    JSON (nested beyond what the parser allows included), or not an object."""
+    """A JSON object from a file of at most `limit` bytes, or a ValueError that names the file and what is wrong
+    with it: too large, not JSON (nested beyond what the parser allows included), or not an object."""
     size = os.path.getsize(path)
     if size > limit:
         raise ValueError(f"{path}: {size:,} bytes, more than the {limit:,} a file of this kind may hold")
     with open(path, "rb") as f:
-        raw = f.read()
+        return json_object(f.read(), path, "the file")
+
+
+def json_object(raw, path, what):
+    """raw bytes parsed as a JSON object, or a ValueError that names the file, the part, and what is wrong."""
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise ValueError(f"{path}: not a readable JSON file ({reason})") from None
+        raise ValueError(f"{path}: {what} is not JSON ({reason})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: a JSON {type(value).__name__}, where an object is expected")
+        raise ValueError(f"{path}: {what} is a JSON {type(value).__name__}, not an object")
     return value
 
 
@@ -80,14 +84,7 @@ def read_safetensors_header(path):
         if n > min(MAX_HEADER_BYTES, size - 8):
             raise ValueError(f"{path}: header length {n} runs past the end of the file ({size} bytes) or the "
                              f"format's limit of {MAX_HEADER_BYTES}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise ValueError(f"{path}: the header is not JSON ({reason})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
+        header = json_object(f.read(n), path, "the header")
     data_len, tensors = size - 8 - n, {}
     for name, info in header.items():
         if name == "__metadata__":

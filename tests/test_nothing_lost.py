@@ -168,9 +168,9 @@ def test_a_hand_edited_config_json_is_refused_on_resume_listing_each_difference(
 
 
 @pytest.mark.parametrize("text,message", [
-    ("{not json", "not a readable JSON file"),
+    ("{not json", "the file is not JSON"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    ("[1, 2]", "a JSON list, where an object is expected"),
+    ("[1, 2]", "the file is a JSON list, not an object"),
     ('{"lr": "fast"}', "lr is 'fast', not a float"),
     ('{"group_size": 4.5}', "group_size is '4.5', not a int"),
     ('{"wings": 2}', "options this train.py does not know"),
@@ -230,7 +230,7 @@ def test_deeply_nested_json_in_a_header_or_a_config_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors: the header is not JSON \\(nested too deeply\\)"):
         read_safetensors_header(tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_bytes(nested)
-    with pytest.raises(ValueError, match="config.json: not a readable JSON file \\(nested too deeply\\)"):
+    with pytest.raises(ValueError, match="config.json: the file is not JSON \\(nested too deeply\\)"):
         load_gpt2(str(tmp_path))
 
 
