@@ -221,6 +221,15 @@ def resumed_config(requested, given):
     return dataclasses.replace(saved, out_dir=requested.out_dir, **changed)
 
 
+def check_against_checkpoint(cfg, saved):
+    """The run's config.json (cfg) against the configuration its checkpoint was saved with, which its checksum
+    protects: a hand edit since is refused, every difference listed."""
+    differ = differences(cfg, saved, source="the checkpoint")
+    if differ:
+        raise SystemExit(f"error: {cfg.out_dir}/config.json differs from the configuration its checkpoint "
+                         f"(checked by its checksum) was saved with:\n  " + "\n  ".join(differ))
+
+
 def differences(run, values, source="the command line"):
     """'--flag: the run has A, SOURCE B' for every value that differs from the run's config, but the flags that
     may change on resume and the folder's own path."""

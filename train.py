@@ -30,7 +30,7 @@ import grpo
 from checkpoint import (CheckpointError, atomic_save, latest_checkpoint, load_checkpoint, load_model,
                         load_state_dict_checked, logged_eval, prepare_out_dir, read_checkpoint, run_tokenizer,
                         save_checkpoint, truncate_logs, warm_start_path)
-from config import TrainConfig, differences, parse_config
+from config import TrainConfig, check_against_checkpoint, parse_config
 from data import load_task, model_player
 from data.tokenizer import end_and_pad
 from model import GPT, GPTConfig, add_lora, check_lora_rank, pad_left
@@ -151,10 +151,7 @@ def start(run, model):
                   torch.Generator(run.device).manual_seed(cfg.seed + 1000 * run.rank))
     if cfg.resume:
         ckpt, loaded_from = latest_checkpoint(cfg.out_dir)
-        differ = differences(cfg, ckpt["config"], source="the checkpoint")  # config.json edited by hand?
-        if differ:
-            raise SystemExit(f"error: {cfg.out_dir}/config.json differs from the configuration its checkpoint "
-                             f"(checked by its checksum) was saved with:\n  " + "\n  ".join(differ))
+        check_against_checkpoint(cfg, ckpt["config"])  # config.json edited by hand since?
         saved = ckpt["model_config"]
         if saved.get("lora_rank"):  # it stopped in a LoRA stage 2: the adapters come first
             add_lora(model, saved["lora_rank"], saved["lora_alpha"], saved["lora_mlp"])

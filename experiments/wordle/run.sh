@@ -2,12 +2,10 @@
 # The Wordle default run over three seeds (python train.py --task=wordle), one after another, each alone with
 # torch's default threads (2 here) and timed. The run folders and their logs land in runs/; the tables are
 # copied into experiments/wordle/ as TAG-seed*-eval.json, and the evaluations every 200 steps as
-# TAG-seed*-evals.jsonl, TAG the argument (default `rerun`). The present default's files are s12msr3-seed*
-# (made with --max_sampling_rounds=3 before it was the default); the previous defaults' rf2-seed* and s11-seed*
-# (four rounds), dynsamp-seed* (--refill_factor=1), and eval-seed*.json, evals-seed*.jsonl (no dynamic sampling).
+# TAG-seed*-evals.jsonl, TAG the argument (default `rerun`). experiments/wordle.md names the files it shows.
 set -euo pipefail
 tag=${1:-rerun}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 mkdir -p runs experiments/wordle
 for seed in 1337 1 2; do
     /usr/bin/time -f "wall %e s" python train.py --task=wordle --seed=$seed --out_dir=runs/wordle-seed$seed \
