@@ -6,19 +6,22 @@ sampled them), score each with rewards r_i, and maximize
 
     J = E[ agg_{i,t} ( min( rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps_low, 1 + eps_high) A_i ) - beta D_{i,t} ) ]
 
-    rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})     per-token ratio
-    A_i       = (r_i - mean_j r_j) / (std_j r_j + eps)                             group-relative advantage
-    D_{i,t}   = exp(ref - logp) - (ref - logp) - 1                         k3 estimate of KL(pi || pi_ref)
+    rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})    per-token ratio
+    A_i       = (r_i - mean_j r_j) / (std_j r_j + eps)                            group-relative advantage
+    D_{i,t}   = exp(ref - logp) - (ref - logp) - 1                                k3 estimate of KL(pi || pi_ref)
 
 The group mean is the baseline: there is no value network (critic), which is what GRPO removes from PPO.
 The KL term to a frozen reference model is optional: beta = 0 keeps no reference model at all. A LoRA policy
 (model.add_lora) needs none given: its reference is itself with the adapters off, no second copy of the weights.
 
 Every choice is one knob of GRPOConfig below (and one flag of train.py): the advantage's scaling (scale_rewards:
-Dr. GRPO's "none"), the clip range (eps_low, eps_high: DAPO's clip-higher), beta, how token terms are averaged
-(loss_type: "grpo" per sequence, DAPO's token mean, Dr. GRPO's constant), the ratio's level (importance_level:
-GSPO's "sequence"), the passes over a rollout (num_iterations, mu in the paper, and minibatch_size), and DAPO's
-dynamic sampling, overlong penalty and truncation mask (off by default).
+Dr. GRPO's "none"), its baseline (RLOO's leave-one-out) and how several rewards combine (GDPO normalizes each
+first), the clip range (eps_low, eps_high: DAPO's clip-higher) and PPO's dual clip (delta), beta and its bias
+correction, the per-token objective and how it is averaged (loss_type: "grpo" per sequence, DAPO's token mean,
+Dr. GRPO's constant, CISPO's clipped and detached IS weight, SAPO's soft gate), the ratio's level (GSPO's
+"sequence"), a correction for a sampler that differs from pi_old (truncated or masked IS), an entropy bonus, the
+passes over a rollout (num_iterations, mu in the paper, and minibatch_size), and DAPO's dynamic sampling,
+overlong penalty and truncation mask. Each one's default changes nothing.
 
 A trap worth knowing: with num_iterations = 1 and one minibatch, the policy being trained IS pi_old, so
 rho = 1 exactly, the clip never acts, and the gradient is REINFORCE with the group-mean baseline,
@@ -44,8 +47,9 @@ from rewards import score
 
 
 SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo", "sapo")
 IMPORTANCE_LEVELS = ("token", "sequence")
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def knob(default, help, low=None, choices=None):
@@ -64,10 +68,26 @@ class GRPOConfig:
     temperature: float = knob(1.0, "sampling temperature, > 0; the log-probs use the same one")
     scale_rewards: str = knob("group", "advantage scaling: group std, batch std, none (Dr. GRPO)", choices=SCALES)
     adv_eps: float = knob(1e-6, "added to the std before dividing", low=0)
+    baseline: str = knob("group_mean", "group_mean, or leave_one_out (RLOO: the mean of the other samples)",
+                         choices=("group_mean", "leave_one_out"))
+    reward_normalization: str = knob("sum_then_normalize", "sum_then_normalize, or normalize_then_sum (GDPO: each "
+                                     "reward within its group first)", choices=("sum_then_normalize",
+                                                                                 "normalize_then_sum"))
     eps_low: float = knob(0.2, "clip range below 1: rho >= 1 - eps_low", low=0)
-    eps_high: float = knob(0.2, "clip range above 1: rho <= 1 + eps_high (0.28 = DAPO's clip-higher)", low=0)
+    eps_high: float = knob(0.2, "clip range above 1: rho <= 1 + eps_high (0.28 = DAPO's clip-higher; cispo's cap "
+                                "is 1 + eps_high)", low=0)
+    delta: Optional[float] = knob(None, "dual clip: rho capped at delta (about 3) too, which binds where A < 0")
     beta: float = knob(0.04, "KL penalty weight (DeepSeekMath's); 0 keeps no reference model at all", low=0)
-    loss_type: str = knob("grpo", "how token terms are averaged: grpo, dapo or dr_grpo", choices=LOSS_TYPES)
+    kl_bias_correction: bool = knob(False, "the k3 term times rho: unbiased for tokens drawn from pi_old")
+    loss_type: str = knob("grpo", "the per-token objective and its average: grpo, dapo, dr_grpo, cispo, sapo",
+                          choices=LOSS_TYPES)
+    sapo_tau_pos: float = knob(1.0, "sapo's gate temperature where A > 0", low=0)
+    sapo_tau_neg: float = knob(1.05, "sapo's gate temperature where A < 0", low=0)
+    is_correction: str = knob("none", "weigh each token (or sequence) by pi_old / the sampler's probability: "
+                              "token_truncate, token_mask, sequence_truncate, sequence_mask",
+                              choices=IS_CORRECTIONS)
+    is_cap: float = knob(2.0, "truncate the IS weight at this C, or mask outside [1/C, C]", low=1)
+    entropy_coef: float = knob(0.0, "entropy bonus: the objective plus this times the mean token entropy", low=0)
     importance_level: str = knob("token", "token, or sequence (GSPO's ratio)", choices=IMPORTANCE_LEVELS)
     num_iterations: int = knob(2, "optimizer passes over each rollout (mu); at 1 the clip never acts", low=1)
     minibatch_size: Optional[int] = knob(None, "rows per optimizer step, a multiple of group_size; unset = all")
@@ -90,6 +110,22 @@ class GRPOConfig:
             raise ValueError(f"eps_low must be below 1 (the clip's floor is 1 - eps_low), got {self.eps_low}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be positive during GRPO, got {self.temperature}")
+        refusals = [  # combinations that mean nothing, with the reason
+            (self.importance_level == "sequence" and self.loss_type in ("dapo", "dr_grpo", "cispo"),
+             f"a sequence-level ratio with loss_type={self.loss_type!r} sums token terms, which weighs each "
+             f"sequence by its length: not GSPO as published (it averages per sequence: loss_type grpo or sapo)"),
+            (self.delta is not None and self.loss_type in ("cispo", "sapo"),
+             f"delta is the dual clip of PPO's clipped objective; {self.loss_type} has no clip to bound"),
+            (self.delta is not None and not (math.isfinite(self.delta) and self.delta > 1 + self.eps_high),
+             f"delta={self.delta} must be a finite number above 1 + eps_high: it caps the ratio beyond the clip"),
+            (self.kl_bias_correction and self.beta == 0, "kl_bias_correction weighs the KL term, which beta=0 "
+                                                         "turns off"),
+            (self.baseline == "leave_one_out" and self.group_size < 2,
+             "a leave-one-out baseline needs groups of 2 or more"),
+            (min(self.sapo_tau_pos, self.sapo_tau_neg) <= 0, "sapo's temperatures must be positive")]
+        for refused, reason in refusals:
+            if refused:
+                raise ValueError(reason)
         if self.minibatch_size is not None and (self.minibatch_size < 1 or self.minibatch_size % self.group_size):
             raise ValueError(f"minibatch_size={self.minibatch_size} must be a positive multiple of group_size="
                              f"{self.group_size}: minibatches hold whole groups (each prompt runs once per group)")
@@ -116,9 +152,11 @@ def check_knobs(config):
 # The formulas: tensors in, tensors out
 
 
-def group_advantages(rewards, group_size, scale="group", eps=1e-6):
+def group_advantages(rewards, group_size, scale="group", eps=1e-6, baseline="group_mean"):
     """A_i = (r_i - mean of its group) / (std + eps), for all groups at once. rewards (N,) are ordered group by
-    group (rows i*G .. i*G+G-1 share a prompt). Bessel-corrected std, as torch.std, TRL and verl.
+    group (rows i*G .. i*G+G-1 share a prompt). Bessel-corrected std, as torch.std, TRL and verl. With
+    baseline="leave_one_out" (RLOO, Ahmadian et al. 2024) the baseline is the mean of the group's other rewards,
+    which makes A_i = G / (G - 1) times the group-mean advantage.
 
     A group whose rewards are all equal gets exactly 0, never NaN, for any value and every scale. That needs
     saying: in float32, x - mean(x) of a constant group is not 0 for most x (eight copies of 2/3 leave 6e-8),
@@ -126,7 +164,11 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-6):
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)  # (P, G)
-    centred = torch.where(has_spread(rewards, group_size)[:, None], grouped - grouped.mean(1, keepdim=True), 0.0)
+    if baseline == "group_mean":
+        base = grouped.mean(1, keepdim=True)
+    else:  # "leave_one_out"
+        base = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    centred = torch.where(has_spread(rewards, group_size)[:, None], grouped - base, 0.0)
     if scale == "group":
         std = grouped.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
         centred = centred / (std + eps)
@@ -145,6 +187,14 @@ def has_spread(rewards, group_size):
     return grouped.amax(1) > grouped.amin(1)
 
 
+def normalized_sum(table, weights, group_size, eps=1e-6):
+    """GDPO's reward (arXiv 2601.05242): each reward function's column normalized within its group (mean 0, std
+    1, a flat column 0), then the weighted sum. table (N, F) -> (N,). The paper then scales the advantages by the
+    batch's std (--scale_rewards=batch)."""
+    columns = [group_advantages(column, group_size, "group", eps) for column in table.T]
+    return torch.stack(columns, 1) @ torch.tensor(weights, dtype=table.dtype, device=table.device)
+
+
 def kl_k3(logp, ref_logp):
     """Schulman's k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = ref - logp. Always >= 0,
     0 where the two agree, and unbiased for samples drawn from pi."""
@@ -161,26 +211,42 @@ def overlong_penalty(lengths, max_len, buffer):
 
 
 def loss_normalizer(mask, loss_type, max_completion_len):
-    """What the summed objective is divided by: the number of sequences ("grpo", each first averaged over its
-    own tokens), of tokens ("dapo"), or sequences x max_completion_len ("dr_grpo", a constant: no length bias)."""
-    if loss_type == "grpo":
+    """What the summed objective is divided by: the number of sequences (grpo and sapo, each first averaged over
+    its own tokens), of tokens (dapo, cispo), or sequences x max_completion_len (dr_grpo: a constant, so no
+    length bias)."""
+    if loss_type in ("grpo", "sapo"):
         return mask.size(0)
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return mask.sum().item()
     return mask.size(0) * max_completion_len  # "dr_grpo"
 
 
 def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low=0.2, eps_high=0.2, beta=0.0,
-              loss_type="grpo", importance_level="token", max_completion_len=None, normalizer=None):
-    """The clipped GRPO surrogate, to minimize. logp, old_logp, ref_logp, mask: (N, T); advantages: (N,).
-    Returns (loss, stats); stats are detached floats for logging. normalizer: what the summed objective is
-    divided by (loss_normalizer); None counts these rows, with max_completion_len defaulting to T. grpo_step
-    passes the whole rollout's count per optimizer step, so that every sequence, or every token, weighs the same
-    however the batch is split into minibatches and processes."""
+              loss_type="grpo", importance_level="token", max_completion_len=None, normalizer=None, delta=None,
+              sapo_tau_pos=1.0, sapo_tau_neg=1.05, sampler_logp=None, is_correction="none", is_cap=2.0,
+              kl_bias_correction=False, entropy=None, entropy_coef=0.0):
+    """The GRPO surrogate, to minimize. logp, old_logp, ref_logp, sampler_logp, mask, entropy: (N, T);
+    advantages: (N,). Returns (loss, stats); stats are detached floats for logging. normalizer: what the summed
+    objective is divided by (loss_normalizer); None counts these rows, with max_completion_len defaulting to T.
+    grpo_step passes the whole rollout's count per optimizer step, so that every sequence, or every token, weighs
+    the same however the batch is split into minibatches and processes. The per-token objectives:
+
+        grpo, dapo, dr_grpo   min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)   PPO's clip; with delta, rho is
+                                                                                  also capped at delta (dual clip)
+        cispo                 sg(min(rho, 1 + eps_high)) A log pi                  MiniMax-M1 (arXiv 2506.13585);
+                                                                                  TRL's epsilon_high is the cap
+        sapo                  (4 / tau) sigmoid(tau (rho - 1)) A                   SAPO (arXiv 2511.20347): tau_pos
+                                                                                  where A > 0, tau_neg where A < 0
+
+    then times the sampler correction w = pi_old / pi_sampler (is_correction: per token, or per sequence as the
+    product of its tokens' ratios; truncated at is_cap, or zero outside [1/is_cap, is_cap], as TRL's modes), minus
+    beta times the k3 KL (kl_bias_correction: times rho, live, as TRL), plus entropy_coef times the token's
+    entropy (averaged as the objective is, by loss_type)."""
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp, the log-probs of the reference model")
-    for name, value, valid in (("loss_type", loss_type, LOSS_TYPES), ("importance_level", importance_level,
-                                                                      IMPORTANCE_LEVELS)):
+    for name, value, valid in (("loss_type", loss_type, LOSS_TYPES), ("is_correction", is_correction,
+                                                                      IS_CORRECTIONS),
+                               ("importance_level", importance_level, IMPORTANCE_LEVELS)):
         if value not in valid:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(valid)}")
     if normalizer is None:
@@ -200,32 +266,59 @@ def grpo_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low=0.2, e
         log_ratio = (log_ratio.sum(1) / lengths.clamp(min=1)).unsqueeze(1).expand_as(logp)  # padding is 0
     ratio = torch.exp(log_ratio)
     A = advantages.unsqueeze(1)  # (N, 1): one advantage for every token of a completion
-    unclipped = ratio * A
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A
-    objective = torch.minimum(unclipped, clipped)  # (N, T)
+    if loss_type == "cispo":  # the IS weight clipped and detached: no token's gradient is dropped
+        objective = torch.clamp(ratio, max=1 + eps_high).detach() * A * logp
+    elif loss_type == "sapo":  # a soft gate in place of the clip, with the same gradient at rho = 1
+        tau = torch.full_like(A, sapo_tau_neg).masked_fill(A > 0, sapo_tau_pos)  # A's dtype, not the default
+        objective = 4 / tau * torch.sigmoid(tau * (ratio - 1)) * A
+    else:
+        unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * A
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A
+        objective = torch.minimum(unclipped, clipped)  # (N, T)
+    if is_correction != "none":
+        objective = objective * sampler_weight(old_logp, sampler_logp, keep, is_correction, is_cap)
     kl = None
     if beta > 0:
         kl = kl_k3(logp, ref_logp)  # 0 on padding, where both are 0
-        objective = objective - beta * kl
+        objective = objective - beta * (kl * ratio if kl_bias_correction else kl)
+    if entropy_coef > 0:
+        objective = objective + entropy_coef * torch.where(keep, entropy, 0.0)
     objective = torch.where(keep, objective, 0.0)
-    if loss_type == "grpo":  # DeepSeekMath: mean over each sequence's tokens, then over sequences
+    if loss_type in ("grpo", "sapo"):  # DeepSeekMath: mean over each sequence's tokens, then over sequences
         summed = (objective.sum(1) / lengths.clamp(min=1)).sum()
-    else:  # "dapo", "dr_grpo": every token weighs the same; only the normalizer differs
+    else:  # "dapo", "cispo", "dr_grpo": every token weighs the same; only the normalizer differs
         summed = objective.sum()
     loss = -summed / normalizer
 
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1)
-        low = (ratio < 1 - eps_low) & (A < 0) & keep  # where the min takes the clipped branch
-        high = (ratio > 1 + eps_high) & (A > 0) & keep
+        clips = loss_type not in ("cispo", "sapo")  # cispo caps the weight from above only; sapo has no clip
+        low = (ratio < 1 - eps_low) & (A < 0) & keep & clips  # where the min takes the clipped branch
+        high = (ratio > 1 + eps_high) & (A > 0) & keep & (loss_type != "sapo")
+        dual = (ratio > delta) & (A < 0) & keep if delta is not None else torch.zeros_like(keep)
         stats = {
             "clip_low_frac": (low.sum() / n_tokens).item(),
             "clip_high_frac": (high.sum() / n_tokens).item(),
+            "dual_clip_frac": (dual.sum() / n_tokens).item(),
             "ratio_mean": (torch.where(keep, ratio, 0.0).sum() / n_tokens).item(),
             "ratio_max": torch.where(keep, ratio, 0.0).max().item() if keep.any() else 1.0,
             "kl": (kl.sum() / n_tokens).item() if kl is not None else 0.0,
         }
     return loss, stats
+
+
+def sampler_weight(old_logp, sampler_logp, keep, mode, cap):
+    """w = pi_old / pi_sampler per token, or per sequence (the product over its tokens); truncated at cap, or 0
+    outside [1/cap, cap] (a mask that also keeps w where it is inside): (N, T) or (N, 1), without gradient."""
+    if sampler_logp is None:
+        raise ValueError(f"is_correction={mode!r} needs the sampler's own log-probs (sampler_logp)")
+    log_w = torch.where(keep, old_logp - sampler_logp, 0.0).detach()
+    if mode.startswith("sequence"):
+        log_w = log_w.sum(1, keepdim=True)
+    w = log_w.exp()
+    if mode.endswith("truncate"):
+        return w.clamp(max=cap)
+    return torch.where((w >= 1 / cap) & (w <= cap), w, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +351,8 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
         return {**metrics, **update_metrics([]), "skipped": 1.0, "time_sample_s": t1 - t0, "time_learn_s": 0.0}
 
     # 2. Advantages, one per completion, broadcast over its tokens inside the loss.
-    advantages = group_advantages(rewards, config.group_size, config.scale_rewards, config.adv_eps)
+    advantages = group_advantages(rewards, config.group_size, config.scale_rewards, config.adv_eps,
+                                  config.baseline)
     minibatches = torch.arange(len(rewards), device=rewards.device).split(config.minibatch_size or len(rewards))
 
     # 3. pi_old's log-probs (only when the policy moves between minibatches of one pass) and the reference's
@@ -289,6 +383,9 @@ def rollout(model, prompts, examples, reward_fns, config, generator, decode):
     decode = decode or (lambda tokens: tokens)
     texts = [decode(tokens) for tokens in samples.completion_tokens(config.stop_token)]
     total, table = score(texts, row_examples, reward_fns, config.reward_weights)
+    if config.reward_normalization == "normalize_then_sum":  # GDPO: each reward within its group, then the sum
+        total = normalized_sum(torch.tensor(table, dtype=torch.float64), config.reward_weights or
+                               [1.0] * len(reward_fns), config.group_size, config.adv_eps).tolist()
     total = torch.tensor(total, dtype=torch.float32, device=samples.tokens.device)
     if config.overlong_buffer > 0:
         lengths = samples.completion_mask.sum(1)
@@ -313,7 +410,7 @@ def update_passes(policy, optimizer, samples, advantages, old_logp, ref_logp, mi
     # averages over processes): the mean gradient of a pass's steps is the gradient of one step over everything.
     count = all_reduce(loss_normalizer(mask, config.loss_type, config.max_new_tokens))
     normalizer = max(count, 1.0) / (len(minibatches) * world_size())
-    history = []
+    history, sampler = [], samples.sampler_logp
     for _ in range(config.num_iterations):
         for rows in minibatches:
             with autocast:
@@ -324,7 +421,12 @@ def update_passes(policy, optimizer, samples, advantages, old_logp, ref_logp, mi
                                     ref_logp[rows] if ref_logp is not None else None,
                                     eps_low=config.eps_low, eps_high=config.eps_high, beta=config.beta,
                                     loss_type=config.loss_type, importance_level=config.importance_level,
-                                    max_completion_len=config.max_new_tokens, normalizer=normalizer)
+                                    max_completion_len=config.max_new_tokens, normalizer=normalizer,
+                                    delta=config.delta, sapo_tau_pos=config.sapo_tau_pos,
+                                    sapo_tau_neg=config.sapo_tau_neg, is_correction=config.is_correction,
+                                    sampler_logp=sampler[rows] if sampler is not None else None,
+                                    is_cap=config.is_cap, kl_bias_correction=config.kl_bias_correction,
+                                    entropy=entropy, entropy_coef=config.entropy_coef)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the GRPO loss is {loss.item()}; stats {stats}")
             optimizer.zero_grad(set_to_none=True)
@@ -334,9 +436,19 @@ def update_passes(policy, optimizer, samples, advantages, old_logp, ref_logp, mi
             optimizer.step()
             keep = mask[rows] > 0
             stats.update(loss=loss.item(), grad_norm=grad_norm,
-                         entropy=entropy[keep].mean().item() if keep.any() else 0.0)
+                         entropy=entropy[keep].mean().item() if keep.any() else 0.0,
+                         sampler_kl=sampler_kl(old_logp[rows], sampler[rows], keep) if sampler is not None
+                         else 0.0)
             history.append(stats)
     return history
+
+
+def sampler_kl(old_logp, sampler_logp, keep):
+    """How far the sampler's own log-probs are from pi_old's: the mean over tokens of w - log w - 1, w = pi_old /
+    pi_sampler, an estimate of KL(sampler || pi_old) from the sampler's tokens. About 0 in float32 on a CPU (the
+    same weights, the same arithmetic up to rounding); not 0 where a bf16 or another engine samples."""
+    log_w = (old_logp - sampler_logp)[keep].double()
+    return (log_w.exp() - log_w - 1).mean().item() if keep.any() else 0.0
 
 
 def check_step_arguments(policy, model, prompts, examples, config, reference):
@@ -376,7 +488,8 @@ def rollout_metrics(samples, rewards, table, reward_fns, config):
     return metrics
 
 
-UPDATE_KEYS = ("clip_low_frac", "clip_high_frac", "ratio_mean", "ratio_max", "kl", "loss", "grad_norm", "entropy")
+UPDATE_KEYS = ("clip_low_frac", "clip_high_frac", "dual_clip_frac", "ratio_mean", "ratio_max", "kl", "loss",
+               "grad_norm", "entropy", "sampler_kl")
 
 
 def update_metrics(history):

@@ -233,6 +233,7 @@ class Samples:
     prompt_len: int                # completions start at this column
     completion_mask: torch.Tensor  # (N, C) float: 1 on generated tokens up to and including the stop token
     truncated: torch.Tensor        # (N,) bool: the row never produced the stop token
+    sampler_logp: torch.Tensor = None  # (N, C) float32: the log-prob each token was drawn with; 0 after the stop
 
     @property
     def completion(self):  # (N, C)
@@ -246,22 +247,23 @@ class Samples:
     def select(self, rows):
         """The rows selected by a bool mask (N,)."""
         return Samples(self.tokens[rows], self.valid[rows], self.prompt_len, self.completion_mask[rows],
-                       self.truncated[rows])
+                       self.truncated[rows], None if self.sampler_logp is None else self.sampler_logp[rows])
 
     @staticmethod
     def cat(parts):
         """One Samples from several (dynamic sampling's rounds), prompts left-padded, completions right-padded."""
         width = max(s.prompt_len for s in parts)
         length = max(s.completion.size(1) for s in parts)
-        tokens, valid, masks = [], [], []
+        tokens, valid, masks, logps = [], [], [], []
         for s in parts:
             left, right = width - s.prompt_len, length - s.completion.size(1)
             tokens.append(F.pad(s.tokens, (left, right), value=0))
             valid.append(F.pad(s.valid, (left, right), value=False) |
                          (torch.arange(tokens[-1].size(1), device=s.tokens.device) >= width))
             masks.append(F.pad(s.completion_mask, (0, right), value=0.0))
+            logps.append(None if s.sampler_logp is None else F.pad(s.sampler_logp, (0, right), value=0.0))
         return Samples(torch.cat(tokens), torch.cat(valid), width, torch.cat(masks),
-                       torch.cat([s.truncated for s in parts]))
+                       torch.cat([s.truncated for s in parts]), None if None in logps else torch.cat(logps))
 
 
 def pad_left(prompts, pad_token, device):
@@ -276,9 +278,11 @@ def pad_left(prompts, pad_token, device):
 
 
 def pick_next(logits, temperature, top_k, top_p, generator):
-    """One token per row from logits (N, V). temperature 0 is greedy."""
+    """One token per row from logits (N, V), and its log-prob under the distribution it was drawn from (at the
+    temperature, after top-k and top-p). Temperature 0 is greedy: the argmax, drawn with probability 1."""
     if temperature == 0:
-        return logits.argmax(-1)
+        token = logits.argmax(-1)
+        return token, torch.zeros(token.shape, device=token.device)
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
@@ -288,7 +292,9 @@ def pick_next(logits, temperature, top_k, top_p, generator):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    probs = logits.softmax(-1)
+    token = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
+    return token.squeeze(1), probs.gather(1, token).squeeze(1).log()  # the softmax it drew from: no extra pass
 
 
 def check_sampling(model, prompts, max_new_tokens, group_size, stop_token):
@@ -328,10 +334,11 @@ def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top
         valid = valid.repeat_interleave(group_size, 0)
     N = tokens.size(0)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    new_mask = []
+    new_mask, logps = [], []
     for step in range(max_new_tokens):
-        next_token = pick_next(logits, temperature, top_k, top_p, generator)
+        next_token, logp = pick_next(logits, temperature, top_k, top_p, generator)
         new_mask.append(~done)
+        logps.append(logp.masked_fill(done, 0.0))
         next_token = next_token.masked_fill(done, pad_token)  # after its stop token a row only pads
         if stop_token is not None:
             done = done | (next_token == stop_token)
@@ -344,7 +351,7 @@ def sample(model, prompts, *, max_new_tokens, group_size=1, temperature=1.0, top
     if valid is None:
         valid = torch.ones_like(tokens, dtype=torch.bool)
     completion_mask = torch.stack(new_mask, 1).float()
-    return Samples(tokens, valid, prompt_len, completion_mask, truncated=~done)
+    return Samples(tokens, valid, prompt_len, completion_mask, ~done, torch.stack(logps, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,8 +364,9 @@ class ChunkedLogprob(torch.autograd.Function):
     apply(h (N, C), weight (V, C), target (N,), temperature, chunk, with_entropy) -> (logp (N,), entropy).
 
     The backward recomputes each chunk's logits instead of saving them: memory is O(chunk * V), not O(N * V).
-    d logp / d logits = (onehot(target) - softmax(logits)) / temperature. Entropy rides along when asked
-    for (one more pass over each chunk), without grad; otherwise an empty tensor comes back in its place.
+    d logp / d logits = (onehot(target) - softmax(logits)) / temperature. The entropy H rides along when asked
+    for (one more pass over each chunk), with its own gradient, dH / d logits = -p (log p + H) / temperature, so
+    an entropy bonus moves the weights; otherwise an empty tensor comes back in its place.
 
     The logits are float32 in forward and backward alike, with autocast off inside: the backward subtracts the
     forward's logsumexp from its recomputed logits, so both must be the same numbers. (bf16 logits once and
@@ -380,26 +388,36 @@ class ChunkedLogprob(torch.autograd.Function):
                 if with_entropy:
                     probs = (logits - lse[i:i + chunk, None]).exp_()
                     entropy[i:i + chunk] = lse[i:i + chunk] - (probs * logits).sum(-1)
-        ctx.save_for_backward(h, weight, target, lse)
+        ctx.save_for_backward(h, weight, target, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an output the loss does not use sends None: its term is skipped
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        h, weight, target, lse = ctx.saved_tensors
+        h, weight, target, lse, entropy = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         acc = lse.dtype
         w = weight.to(acc)
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(acc)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc)
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.size(0), chunk):
                 hc = h[i:i + chunk].to(acc)
                 logits = (hc @ w.t()) / T  # exactly the forward's logits
-                grad_logits = logits.sub_(lse[i:i + chunk, None]).exp_().neg_()  # -softmax, in place: one buffer
-                grad_logits.scatter_add_(1, target[i:i + chunk, None], torch.ones_like(grad_logits[:, :1]))
-                grad_logits *= grad_logp[i:i + chunk, None].to(acc) / T  # (chunk, V)
+                if grad_entropy is None:
+                    grad_logits = logits.sub_(lse[i:i + chunk, None]).exp_().neg_()  # -softmax, in place
+                    grad_logits.scatter_add_(1, target[i:i + chunk, None], torch.ones_like(grad_logits[:, :1]))
+                    grad_logits *= grad_logp[i:i + chunk, None] / T  # (chunk, V)
+                else:  # -p (g_logp + (log p + H) g_H) + onehot g_logp, all over T
+                    log_p = logits.sub_(lse[i:i + chunk, None])
+                    term = (log_p + entropy[i:i + chunk, None]).mul_(grad_entropy[i:i + chunk, None].to(acc))
+                    grad_logits = log_p.exp().neg_().mul_(term.add_(grad_logp[i:i + chunk, None]))
+                    grad_logits.scatter_add_(1, target[i:i + chunk, None], grad_logp[i:i + chunk, None])
+                    grad_logits /= T
                 if grad_h is not None:
                     grad_h[i:i + chunk] = (grad_logits @ w).to(h.dtype)
                 grad_w += grad_logits.t() @ hc

@@ -17,11 +17,12 @@ def sample_without_cache(model, prompts, *, max_new_tokens, group_size=1, temper
     prompt_len = tokens.size(1)
     tokens, valid = tokens.repeat_interleave(group_size, 0), valid.repeat_interleave(group_size, 0)
     done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
-    new_mask = []
+    new_mask, logps = [], []
     for _ in range(max_new_tokens):
         logits = model(tokens, valid=None if valid.all() else valid)[0][:, -1]
-        next_token = pick_next(logits, temperature, top_k, top_p, generator)
+        next_token, logp = pick_next(logits, temperature, top_k, top_p, generator)
         new_mask.append(~done)
+        logps.append(logp.masked_fill(done, 0.0))
         next_token = next_token.masked_fill(done, pad_token)
         if stop_token is not None:
             done = done | (next_token == stop_token)
@@ -29,7 +30,7 @@ def sample_without_cache(model, prompts, *, max_new_tokens, group_size=1, temper
         valid = torch.cat([valid, valid.new_ones(len(valid), 1)], 1)
         if stop_token is not None and bool(done.all()):
             break
-    return Samples(tokens, valid, prompt_len, torch.stack(new_mask, 1).float(), truncated=~done)
+    return Samples(tokens, valid, prompt_len, torch.stack(new_mask, 1).float(), ~done, torch.stack(logps, 1))
 
 
 def read_safetensors(path):

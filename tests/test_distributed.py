@@ -19,7 +19,7 @@ from model import Samples
 from tests.helpers import tiny_gpt
 
 G, PROMPT_LEN, COMPLETION_LEN = 4, 3, 6
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "cispo", "sapo")  # the normalizers: sequences, tokens, a constant
 
 
 def handmade_rollout(lengths, seed=0):
