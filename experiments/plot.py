@@ -4,6 +4,7 @@ Plots and tables from run folders (matplotlib is an optional extra: train.py nev
     python experiments/plot.py curves OUT.png RUN [RUN ...]          # GRPO reward and eval curves of runs
     python experiments/plot.py ablation OUT.png OUT.md RUN [RUN ...]  # final eval by setting, mean and spread
     python experiments/plot.py hacking OUT.png RUN [RUN ...]         # summary runs: quiz reward and length
+    python experiments/plot.py thin METRICS OUT.jsonl.gz              # a run's log, thinned to what these read
 
 Runs are grouped by their config.json minus the seed and run folder, so seeds of one setting become one line of the
 table (mean, standard deviation, min and max) and one colour in the plot.
@@ -24,6 +25,27 @@ def load(run):
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
     return config, records
+
+
+KEPT = ("stage", "step", "reward_mean", "zero_std_frac", "completion_len", "kl", "entropy", "clip_low_frac",
+        "clip_high_frac", "dual_clip_frac", "time_sample_s", "time_learn_s")
+
+
+def thin(src, dst):
+    """A run's log as the pages keep it (gzipped): every evaluation whole, and of each GRPO step the figures the
+    plots and tables read (KEPT, and each reward function's mean) to 5 significant digits; the warm start's steps
+    are left out. src may be a run's metrics.jsonl or an already kept .gz."""
+    with (gzip.open if src.endswith(".gz") else open)(src, "rt") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    lines = []
+    for r in records:
+        if r["stage"] == "eval":
+            lines.append(json.dumps(r))
+        elif r["stage"] == "grpo":
+            kept = {k: v for k, v in r.items() if k in KEPT or k.startswith("reward_")}
+            lines.append(json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in kept.items()}))
+    with gzip.open(dst, "wt") as f:
+        f.write("".join(line + "\n" for line in lines))
 
 
 def smooth(values, k=20):
@@ -145,6 +167,8 @@ if __name__ == "__main__":
         curves(sys.argv[2], sys.argv[3:])
     elif sys.argv[1:2] == ["hacking"]:
         hacking(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1:2] == ["thin"]:
+        thin(sys.argv[2], sys.argv[3])
     elif sys.argv[1:2] == ["ablation"]:
         ablation(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:

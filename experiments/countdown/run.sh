@@ -13,6 +13,6 @@ wait
 for seed in 1 2 3; do
     mkdir -p experiments/countdown/seed$seed
     cp runs/countdown-seed$seed/{eval.json,config.json} experiments/countdown/seed$seed/
-    gzip -c runs/countdown-seed$seed/metrics.jsonl > experiments/countdown/seed$seed/metrics.jsonl.gz
+    python experiments/plot.py thin runs/countdown-seed$seed/metrics.jsonl experiments/countdown/seed$seed/metrics.jsonl.gz
 done
 python experiments/plot.py curves experiments/countdown/curves.png runs/countdown-seed{1,2,3}

@@ -18,7 +18,7 @@ for seed in 1 2; do
     for run in quiz-only quiz+length; do
         mkdir -p experiments/summary/$run-seed$seed
         cp runs/summary-$run-seed$seed/{eval.json,config.json} experiments/summary/$run-seed$seed/
-        gzip -c runs/summary-$run-seed$seed/metrics.jsonl > experiments/summary/$run-seed$seed/metrics.jsonl.gz
+        python experiments/plot.py thin runs/summary-$run-seed$seed/metrics.jsonl experiments/summary/$run-seed$seed/metrics.jsonl.gz
     done
 done
 python experiments/plot.py hacking experiments/summary/hacking.png runs/summary-*-seed{1,2}
