@@ -42,8 +42,9 @@ def thin(src, dst):
         if r["stage"] == "eval":
             lines.append(json.dumps(r))
         elif r["stage"] == "grpo":
-            kept = {k: v for k, v in r.items() if k in KEPT or k.startswith("reward_")}
-            lines.append(json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in kept.items()}))
+            kept = {k: float(f"{v:.5g}") if isinstance(v, float) else v
+                    for k, v in r.items() if k in KEPT or k.startswith("reward_")}
+            lines.append(json.dumps(kept))
     with gzip.open(dst, "wt") as f:
         f.write("".join(line + "\n" for line in lines))
 
