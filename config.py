@@ -17,14 +17,13 @@ import typing
 from dataclasses import dataclass
 
 from data import load_task, task_names
-from grpo import GRPOConfig
+from grpo import GRPOConfig, knob
 from hf import read_json
 
 
 def flag(default, help, group, low=None, choices=None):
-    """A run's own flag: a GRPO knob (grpo.knob) that --help lists under `group`."""
-    return dataclasses.field(default=default, metadata={"help": help, "low": low, "choices": choices,
-                                                        "group": group})
+    """A run's own flag: a knob (checked as GRPOConfig's are) that --help lists under `group`."""
+    return knob(default, help, low, choices, group=group)
 
 
 @dataclass

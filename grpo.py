@@ -52,9 +52,9 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
-def knob(default, help, low=None, choices=None):
-    """A config field: its default, its --help line, and what it accepts (check_knobs)."""
-    return field(default=default, metadata={"help": help, "low": low, "choices": choices})
+def knob(default, help, low=None, choices=None, **more):
+    """A config field: its default, its --help line, what it accepts (check_knobs), and any more metadata."""
+    return field(default=default, metadata={"help": help, "low": low, "choices": choices, **more})
 
 
 @dataclass
@@ -340,8 +340,8 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
     # 1. Rollout: a group of completions per prompt from the current policy (= pi_old), and their rewards.
     model.eval()
     with autocast:
-        samples, rewards, table = rollout(model, prompts, examples, reward_fns, config, generator, decode)
-        metrics = rollout_metrics(samples, rewards, table, reward_fns, config)
+        samples, rewards, total, table = rollout(model, prompts, examples, reward_fns, config, generator, decode)
+        metrics = rollout_metrics(samples, rewards, total, table, reward_fns, config)
         if config.dynamic_sampling:  # DAPO: keep only groups with reward spread, sample more to fill up
             samples, rewards, metrics["sampling_rounds"] = keep_groups_with_spread(
                 samples, rewards, len(prompts), model, reward_fns, config, generator, decode, refill)
@@ -375,7 +375,9 @@ def grpo_step(policy, optimizer, prompts, examples, reward_fns, config, *, refer
 
 
 def rollout(model, prompts, examples, reward_fns, config, generator, decode):
-    """Sample a group per prompt and score it: (samples, total rewards (N,), per-function rewards (N, F))."""
+    """Sample a group per prompt and score it: (samples, what the advantages are computed from (N,), the weighted
+    reward total (N,), per-function rewards (N, F)). The first two are the same numbers unless GDPO's
+    normalize_then_sum makes the first a sum of per-reward group scores; the logs report the second."""
     samples = sample(model, prompts, max_new_tokens=config.max_new_tokens, group_size=config.group_size,
                      temperature=config.temperature, stop_token=config.stop_token, pad_token=config.pad_token,
                      generator=generator)
@@ -383,14 +385,15 @@ def rollout(model, prompts, examples, reward_fns, config, generator, decode):
     decode = decode or (lambda tokens: tokens)
     texts = [decode(tokens) for tokens in samples.completion_tokens(config.stop_token)]
     total, table = score(texts, row_examples, reward_fns, config.reward_weights)
+    learned = total
     if config.reward_normalization == "normalize_then_sum":  # GDPO: each reward within its group, then the sum
-        total = normalized_sum(torch.tensor(table, dtype=torch.float64), config.reward_weights or
-                               [1.0] * len(reward_fns), config.group_size, config.adv_eps).tolist()
-    total = torch.tensor(total, dtype=torch.float32, device=samples.tokens.device)
+        learned = normalized_sum(torch.tensor(table, dtype=torch.float64), config.reward_weights or
+                                 [1.0] * len(reward_fns), config.group_size, config.adv_eps).tolist()
+    total, learned = (torch.tensor(v, dtype=torch.float32, device=samples.tokens.device) for v in (total, learned))
     if config.overlong_buffer > 0:
-        lengths = samples.completion_mask.sum(1)
-        total = total + overlong_penalty(lengths, config.max_new_tokens, config.overlong_buffer)
-    return samples, total, torch.tensor(table, dtype=torch.float32)
+        penalty = overlong_penalty(samples.completion_mask.sum(1), config.max_new_tokens, config.overlong_buffer)
+        total, learned = total + penalty, learned + penalty
+    return samples, learned, total, torch.tensor(table, dtype=torch.float32)
 
 
 def logprobs(model, samples, rows, config, with_entropy=False):
@@ -469,20 +472,22 @@ def check_step_arguments(policy, model, prompts, examples, config, reference):
 # Metrics. Under torch.distributed the rollout's figures are over every process's rollout.
 
 
-def rollout_metrics(samples, rewards, table, reward_fns, config):
-    everything = torch.cat([rewards[:, None], table.to(rewards.device)], 1)  # (N, 1 + F)
-    if world_size() > 1:  # every process's rollout: (N * world, 1 + F)
+def rollout_metrics(samples, rewards, total, table, reward_fns, config):
+    """The rollout's figures: the reward (the weighted total), the share of groups whose advantages are all 0
+    (no spread in what they are computed from), lengths, and each reward function's mean."""
+    everything = torch.cat([total[:, None], rewards[:, None], table.to(rewards.device)], 1)  # (N, 2 + F)
+    if world_size() > 1:  # every process's rollout: (N * world, 2 + F)
         parts = [torch.empty_like(everything) for _ in range(world_size())]
         dist.all_gather(parts, everything)
         everything = torch.cat(parts)
     metrics = {"reward_mean": everything[:, 0].mean().item(),
                "reward_std": everything[:, 0].std().item() if len(everything) > 1 else 0.0,
-               "zero_std_frac": 1.0 - has_spread(everything[:, 0], config.group_size).float().mean().item(),
+               "zero_std_frac": 1.0 - has_spread(everything[:, 1], config.group_size).float().mean().item(),
                "completion_len": samples.completion_mask.sum(1).mean().item(),
                "truncated_frac": samples.truncated.float().mean().item(),
                "sampling_rounds": 1.0}
     weights = config.reward_weights or [1.0] * len(reward_fns)
-    for j, (fn, weight, column) in enumerate(zip(reward_fns, weights, everything[:, 1:].T)):
+    for j, (fn, weight, column) in enumerate(zip(reward_fns, weights, everything[:, 2:].T)):
         if weight != 0:  # a reward weighted 0 was not computed
             metrics[f"reward_{getattr(fn, '__name__', f'reward{j}')}"] = column.mean().item()
     return metrics
@@ -526,7 +531,7 @@ def keep_groups_with_spread(samples, rewards, wanted, model, reward_fns, config,
         rounds += 1
         if have < wanted:  # most of the missing groups may come out flat again: refill_factor samples extra
             prompts, examples = refill(math.ceil(config.refill_factor * (wanted - have)))
-            samples, rewards, _ = rollout(model, prompts, examples, reward_fns, config, generator, decode)
+            samples, rewards, _, _ = rollout(model, prompts, examples, reward_fns, config, generator, decode)
         else:  # this process is full; it only joins the others' decision
             samples, rewards = samples.select(torch.zeros_like(rows)), rewards[:0]
     keep = int(all_reduce(min(have, wanted), "min"))

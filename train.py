@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import grpo
-from checkpoint import (CheckpointError, atomic_save, latest_checkpoint, load_checkpoint, load_model,
+from checkpoint import (CheckpointError, atomic_save, atomic_write, latest_checkpoint, load_checkpoint, load_model,
                         load_state_dict_checked, logged_eval, prepare_out_dir, read_checkpoint, run_tokenizer,
                         save_checkpoint, truncate_logs, warm_start_path)
 from config import TrainConfig, check_against_checkpoint, parse_config
@@ -352,8 +352,7 @@ def final_table(run, evals):
         for name, player in run.task.reference_players(random.Random(cfg.seed)).items():
             evals[f"player: {name}"] = run.task.evaluate(player, cfg.eval_games)
     table = {name: {k: v for k, v in r.items() if k != "transcripts"} for name, r in evals.items() if r}
-    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-        json.dump(table, f, indent=1)
+    atomic_write(os.path.join(cfg.out_dir, "eval.json"), json.dumps(table, indent=1))  # it marks the run done
     keys = list(run.task.headline) + sorted({k for r in table.values() for k in r} - set(run.task.headline)
                                             - {"games"})
     width = max(len(n) for n in table)

@@ -45,8 +45,8 @@ def thin(src, dst):
             kept = {k: float(f"{v:.5g}") if isinstance(v, float) else v
                     for k, v in r.items() if k in KEPT or k.startswith("reward_")}
             lines.append(json.dumps(kept))
-    with gzip.open(dst, "wt") as f:
-        f.write("".join(line + "\n" for line in lines))
+    with open(dst, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as f:  # no name, no time stamp:
+        f.write("".join(line + "\n" for line in lines).encode())                   # a log thins to the same bytes
 
 
 def smooth(values, k=20):

@@ -66,7 +66,7 @@ def gradient_of_injected_rollout(rows, loss_type, monkeypatch_module, minibatch_
     sub = samples.select(rows)
 
     def injected(policy, prompts, examples, reward_fns, config, generator, decode):
-        return sub, rewards[rows], rewards[rows][:, None]
+        return sub, rewards[rows], rewards[rows], rewards[rows][:, None]
 
     monkeypatch_module(injected)
     model = tiny_gpt(seed=3)

@@ -256,12 +256,13 @@ def test_score_weights_and_validates_reward_functions():
     assert score(["ab"], [None], [length, boom], weights=(1.0, 0.0)) == ([2.0], [[2.0, 0.0]])  # 0: never run
     with pytest.raises(ValueError, match="the weighted reward overflows float32"):
         score(["x"], [None], [lambda c, ex: 3e38, const], weights=(1e30, 1.0))
-    # the rollout's rewards: the weighted totals, and the table, in float32
+    # the rollout's rewards: the weighted totals (learned from, and reported), and the table, in float32
     config = GRPOConfig(group_size=4, max_new_tokens=5, reward_weights=(0.5, 1.0), beta=0.0)
-    _, total, table = grpo.rollout(tiny_gpt(dtype=torch.float32), [[1, 2], [3]], [None, None], [length, const],
-                                   config, torch.Generator().manual_seed(0), None)
+    _, learned, total, table = grpo.rollout(tiny_gpt(dtype=torch.float32), [[1, 2], [3]], [None, None],
+                                            [length, const], config, torch.Generator().manual_seed(0), None)
     assert table.shape == (8, 2) and total.dtype == table.dtype == torch.float32
     torch.testing.assert_close(total, 0.5 * table[:, 0] + table[:, 1])
+    assert torch.equal(learned, total)
 
     with pytest.raises(RuntimeError, match=r"reward function boom raised KeyError.*'abcd'"):
         score(["abcd"], [None], [boom])

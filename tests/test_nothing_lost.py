@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,6 +152,19 @@ def test_logs_and_checkpoints_are_replaced_whole_and_flushed_to_disk(tmp_path, m
     atomic_write(str(path), "new\n")
     assert len(synced) == 4  # the file and its folder, each time
     assert path.read_text() == "new\n"
+
+
+def test_the_final_table_is_written_whole_or_not_at_all(tmp_path):
+    """eval.json marks a run finished (a rerun is refused, --resume has nothing to do): a table cut short by a
+    failure while writing it would mark a run finished that has no table."""
+    run = SimpleNamespace(cfg=SimpleNamespace(reference_players=False, out_dir=str(tmp_path), seed=0),
+                          task=SimpleNamespace(headline=("reward",)))
+    with pytest.raises(TypeError):  # a figure that is not JSON, found only after the first rows are written
+        train.final_table(run, {"warm start": {"reward": 0.5}, "GRPO": {"reward": object()}})
+    assert not (tmp_path / "eval.json").exists()
+    train.final_table(run, {"warm start": {"reward": 0.5}, "GRPO": {"reward": 0.75}})
+    assert json.loads((tmp_path / "eval.json").read_text()) == {"warm start": {"reward": 0.5},
+                                                                 "GRPO": {"reward": 0.75}}
 
 
 # ---- read back, verified ------------------------------------------------------------------------------------

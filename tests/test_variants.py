@@ -203,11 +203,33 @@ def test_normalize_then_sum_gives_each_reward_the_same_say_in_a_step():
     for mode in ("sum_then_normalize", "normalize_then_sum"):
         config = GRPOConfig(group_size=8, max_new_tokens=3, beta=0.0, reward_normalization=mode)
         model = tiny_gpt(dtype=torch.float32)
-        _, totals[mode], table = grpo.rollout(model, [[1, 2]], [None], [big, small], config,
+        _, totals[mode], _, table = grpo.rollout(model, [[1, 2]], [None], [big, small], config,
                                               torch.Generator().manual_seed(0), None)
     small_part = table[:, 1] - table[:, 1].mean()
     corr = {m: torch.corrcoef(torch.stack([t, small_part]))[0, 1].item() for m, t in totals.items()}
     assert corr["normalize_then_sum"] > corr["sum_then_normalize"] + 0.2, corr
+
+
+def test_normalize_then_sum_changes_what_is_learned_not_the_reward_the_logs_report():
+    """GDPO learns from per-reward group scores (mean 0), but the step still reports the task's reward: the same
+    figures as the default's on the same rollout (the first step samples before any update)."""
+    def length(completion, example):
+        return float(len(completion))
+
+    def odd_first(completion, example):
+        return float(len(completion) > 0 and completion[0] % 2)
+
+    metrics = {}
+    for mode in ("sum_then_normalize", "normalize_then_sum"):
+        config = GRPOConfig(group_size=8, max_new_tokens=5, beta=0.0, stop_token=7, reward_normalization=mode)
+        model = tiny_gpt(seed=2, dtype=torch.float32)
+        metrics[mode] = grpo.grpo_step(model, torch.optim.SGD(model.parameters(), lr=1e-2), [[1, 2], [3, 4]],
+                                       [None, None], [length, odd_first], config,
+                                       generator=torch.Generator().manual_seed(0))
+    default, gdpo = metrics["sum_then_normalize"], metrics["normalize_then_sum"]
+    assert default["reward_mean"] > 1.0  # lengths of 1 to 5 and a 0/1 reward: far from GDPO's mean of 0
+    for key in ("reward_mean", "reward_std", "reward_length", "reward_odd_first", "completion_len"):
+        assert gdpo[key] == default[key], key
 
 
 @pytest.mark.parametrize("cached", [True, False])
